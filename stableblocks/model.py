@@ -1,0 +1,94 @@
+"""StableGPT: a GPT-2 whose stabilisers are switched on by a StableConfig (nanoGPT conventions)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import StableConfig
+from .init import init_weights
+from .modules import LayerNorm, StableBlock, StableEmbedding, StableLinear
+
+
+class StableGPT(nn.Module):
+    def __init__(self, config: StableConfig):
+        super().__init__()
+        self.config = config
+        self.embed = StableEmbedding(config)
+        self.blocks = nn.ModuleList([StableBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.bias, config.eps)
+        self.lm_head = StableLinear(config.n_embd, config.vocab_size, bias=False, gates=1 if config.init == "wesar" else 0)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.wte.weight
+        init_weights(self, config)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; without the position embeddings by default (nanoGPT's convention)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). targets == -1 are ignored."""
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx: expected an int64 or int32 tensor of token ids, got {got}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected shape (B, T), got {tuple(idx.shape)}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        return logits, self.loss(logits, targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        targets = targets.reshape(-1)
+        loss = F.cross_entropy(flat, targets, ignore_index=-1)
+        if self.config.z_loss > 0:
+            log_z = torch.logsumexp(flat[targets != -1], dim=-1)
+            loss = loss + self.config.z_loss * log_z.pow(2).mean()
+        return loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay on weight matrices only: not on biases, norms, WeSaR gates, or the embeddings
+        (unless config.embed_weight_decay; a tied LM head counts as the token embedding)."""
+        embeddings = {id(self.embed.wte.weight), id(self.embed.wpe.weight)}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # tied weights are listed once
+            if not p.requires_grad:
+                continue
+            is_embedding = id(p) in embeddings
+            if p.dim() >= 2 and (not is_embedding or self.config.embed_weight_decay):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps: float = 1e-8):
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and next(self.parameters()).is_cuda
+        return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
+        return idx

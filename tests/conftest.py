@@ -1,0 +1,27 @@
+"""Test set-up: Triton's interpreter for CPU kernel tests, the reference backend by default."""
+
+import os
+
+# Must precede any import of triton: kernels then run on CPU tensors in numpy.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import stableblocks  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    """Model, training and integration tests run at reference speed; kernel tests opt in."""
+    stableblocks.set_backend("reference")
+    torch.manual_seed(0)
+    yield
+    stableblocks.set_backend("reference")
+
+
+@pytest.fixture
+def triton_backend():
+    stableblocks.set_backend("triton")
+    yield
+    stableblocks.set_backend("reference")
