@@ -9,6 +9,7 @@ interpreter); the plain-PyTorch reference otherwise, so CPU users train normally
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 
@@ -16,6 +17,9 @@ BACKENDS = ("auto", "triton", "reference")
 
 # Ops whose Triton kernel exists; each kernel module adds its name when imported.
 KERNELS: set[str] = set()
+
+# Triton launches by kernel name: tests read it to prove no op fell back to its reference.
+LAUNCHES: Counter[str] = Counter()
 
 _backend = os.environ.get("STABLEBLOCKS_BACKEND", "auto")
 if _backend not in BACKENDS:
