@@ -82,8 +82,11 @@ class StableGPT(nn.Module):
         targets = targets.reshape(-1)
         loss = F.cross_entropy(flat, targets, ignore_index=-1)
         if self.config.z_loss > 0:
-            log_z = torch.logsumexp(flat[targets != -1], dim=-1)
-            loss = loss + self.config.z_loss * log_z.pow(2).mean()
+            # Mean over the counted rows by weighting, not boolean indexing: a data-dependent
+            # shape would break torch.compile's graph.
+            counted = (targets != -1).to(flat.dtype)
+            log_z = torch.logsumexp(flat, dim=-1)
+            loss = loss + self.config.z_loss * (log_z.pow(2) * counted).sum() / counted.sum()
         return loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
