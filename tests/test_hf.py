@@ -160,6 +160,7 @@ def test_unsupported_calls_raise(call, match):
         (lambda: gpt2(resid_pdrop=0.1), {}, "dropout: the model's resid_pdrop"),
         (gpt2, dict(n_layer=3), "n_layer: the model has 2"),
         (gpt2, dict(logit_softcap=30.0), "logit_softcap"),
+        (lambda: gpt2(tie_word_embeddings=False), dict(tie_embeddings=True), "tie_embeddings: the model's LM head is not tied"),
         (gpt2, dict(low_rank=4), "low_rank: .* pass reinit=True"),
         (lambda: torch.nn.Linear(2, 2), {}, "expected a transformers GPT2LMHeadModel"),
     ],

@@ -163,6 +163,8 @@ def patch_gpt2(model, recipe: str | StableConfig = "stable", reinit: bool = Fals
         raise ValueError("low_rank: MLRA reshapes the QKV projection, so the existing weights cannot be kept; pass reinit=True")
     ref = body.wte.weight
     lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and cfg.tie_embeddings and lm_head.weight is not ref:
+        raise ValueError("tie_embeddings: the model's LM head is not tied to its token embedding; pass tie_embeddings=False")
     with torch.no_grad():
         blocks = nn.ModuleList(StableBlock(cfg) for _ in body.h)
         ln_f = LayerNorm(cfg.n_embd, True, cfg.eps)
