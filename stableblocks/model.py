@@ -25,6 +25,33 @@ class StableGPT(nn.Module):
             self.lm_head.weight = self.embed.wte.weight
         init_weights(self, config)
 
+    @classmethod
+    def from_nanogpt(cls, checkpoint, recipe: str = "gpt2", **overrides) -> StableGPT:
+        """From nanoGPT: a ckpt.pt path, its loaded dict, or a state dict (then pass n_head=).
+        Recipe "gpt2" gives the same logits; another adds its stabilisers at identity."""
+        from .integrations.nanogpt import from_nanogpt
+
+        return from_nanogpt(checkpoint, recipe, **overrides)
+
+    @classmethod
+    def from_hf(cls, model, recipe: str | None = None, **overrides) -> StableGPT:
+        """From a transformers GPT2LMHeadModel (plain, then recipe "gpt2" by default, or patched)."""
+        from .integrations.hf import from_hf
+
+        return from_hf(model, recipe, **overrides)
+
+    def to_nanogpt(self) -> dict:
+        """A state dict nanoGPT's GPT loads (plain GPT-2 recipes only; WeSaR gates folded in)."""
+        from .integrations.nanogpt import to_nanogpt
+
+        return to_nanogpt(self)
+
+    def to_hf(self):
+        """A transformers GPT2LMHeadModel, patched with this config (unpatch_gpt2 gives plain GPT-2)."""
+        from .integrations.hf import to_hf
+
+        return to_hf(self)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without the position embeddings by default (nanoGPT's convention)."""
         n = sum(p.numel() for p in self.parameters())
@@ -55,8 +82,11 @@ class StableGPT(nn.Module):
         targets = targets.reshape(-1)
         loss = F.cross_entropy(flat, targets, ignore_index=-1)
         if self.config.z_loss > 0:
-            log_z = torch.logsumexp(flat[targets != -1], dim=-1)
-            loss = loss + self.config.z_loss * log_z.pow(2).mean()
+            # Mean over the counted rows by weighting, not boolean indexing: a data-dependent
+            # shape would break torch.compile's graph.
+            counted = (targets != -1).to(flat.dtype)
+            log_z = torch.logsumexp(flat, dim=-1)
+            loss = loss + self.config.z_loss * (log_z.pow(2) * counted).sum() / counted.sum()
         return loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:

@@ -1,0 +1,256 @@
+"""The Hugging Face GPT-2 patch: same logits under recipe gpt2, masks, training, save/reload, export.
+
+Runs against the installed transformers (5.x) and, in CI, against 4.57 as well (.ci/run).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import stableblocks as sb
+
+transformers = pytest.importorskip("transformers", reason="the HF integration needs the 'hf' extra: pip install 'stableblocks[hf]'")
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from stableblocks.integrations.hf import load_patched, param_groups, patch_gpt2, unpatch_gpt2  # noqa: E402
+from stableblocks.modules import StableBlock  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+V, P = 64, 32
+
+
+def hf_config(**overrides):
+    fields = dict(vocab_size=V, n_positions=P, n_layer=2, n_head=2, n_embd=32, bos_token_id=None, eos_token_id=None,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(**{**fields, **overrides})
+
+
+def gpt2(**overrides):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hf_config(**overrides))
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped or dropped weight shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
+    return model
+
+
+def idx(b=2, t=16):
+    return torch.randint(0, V, (b, t))
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_gpt2_recipe_keeps_logits_and_gradients(activation):
+    original = gpt2(activation_function=activation)
+    model = patch_gpt2(copy.deepcopy(original), "gpt2")
+    x = idx()
+    ref, out = original(x, labels=x), model(x, labels=x)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    ref.loss.backward()
+    out.loss.backward()
+    for name, p in original.named_parameters():
+        mine = model.get_parameter(name)
+        grad = p.grad.t() if isinstance(original.get_submodule(name.rsplit(".", 1)[0]), Conv1D) and p.dim() == 2 else p.grad
+        torch.testing.assert_close(mine.grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+    # Stableblocks modules under HF's names, the config kept consistent and recording the recipe.
+    assert all(isinstance(b, StableBlock) for b in model.transformer.h)
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in original.named_parameters()}
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.config.stableblocks["activation"] == ("gelu_tanh" if activation == "gelu_new" else "gelu")
+    assert model.config.use_cache is False
+
+
+def test_bare_gpt2model_and_bf16():
+    torch.manual_seed(0)
+    original = GPT2Model(hf_config())
+    model = patch_gpt2(copy.deepcopy(original), "gpt2")
+    x = idx()
+    torch.testing.assert_close(model(x).last_hidden_state, original(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    hidden = model(x, output_hidden_states=True).hidden_states
+    assert len(hidden) == 3 and torch.equal(hidden[-1], model(x).last_hidden_state)
+    half = patch_gpt2(GPT2LMHeadModel(hf_config()).to(torch.bfloat16), "qk-norm-cap")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half(x).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["wesar", "qk-fc-norm", "stable", "embed-ln"])
+def test_added_parameters_start_at_identity(name):
+    original = gpt2()
+    model = patch_gpt2(copy.deepcopy(original), name)
+    blk, src = model.transformer.h[0], original.transformer.h[0]
+    assert torch.equal(blk.attn.c_attn.weight, src.attn.c_attn.weight.t())
+    assert torch.equal(blk.mlp.c_proj.bias, src.mlp.c_proj.bias)
+    added = [m for m in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.v_norm, blk.post_norm_attn, blk.post_norm_mlp,
+                         model.transformer.ln_embed) if m is not None]
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in added)
+    assert len(added) == {"wesar": 0, "qk-fc-norm": 4, "stable": 3, "embed-ln": 1}[name]
+    if name == "stable":  # qkv-norm: no attention pre-norm
+        assert blk.ln_1 is None and model.config.stableblocks["qkv_norm"]
+    if name == "wesar":  # gates at 1 and an untied copy of the head: the same logits
+        gates = [m.gate for m in model.modules() if getattr(m, "gate", None) is not None]
+        assert len(gates) == 4 * 2 + 1 and all(torch.all(g == 1) for g in gates)
+        assert model.lm_head.weight is not model.transformer.wte.weight and not model.config.tie_word_embeddings
+        x = idx()
+        torch.testing.assert_close(model(x).logits, original(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_reinit_applies_the_recipe_init():
+    d, n = 64, 2
+    model = patch_gpt2(GPT2LMHeadModel(hf_config(n_embd=d, n_head=4)), "wesar", reinit=True)
+    sigma = math.sqrt(4e-5)
+    blk = model.transformer.h[0]
+    assert blk.attn.c_attn.weight.std().item() == pytest.approx(sigma, rel=0.05)
+    assert blk.mlp.c_proj.gate.item() == pytest.approx(math.sqrt(2 / (8 * n * d)) / sigma)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(sigma, rel=0.05)
+    scaled = patch_gpt2(GPT2LMHeadModel(hf_config(n_embd=d, n_head=4)), "vanilla", reinit=True)
+    std = math.sqrt(2 / (5 * d))
+    assert scaled.transformer.h[1].attn.c_proj.weight.std().item() == pytest.approx(std / math.sqrt(2 * n), rel=0.05)
+
+
+def test_padding_mask():
+    model = patch_gpt2(gpt2(), "qk-norm").eval()
+    x = idx()
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, 12:] = 0  # right padding: the real tokens' logits are exact
+    padded = model(x, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0, :12], model(x[:1, :12]).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], model(x[1:]).logits[0])
+    left = torch.ones(2, 16, dtype=torch.long)
+    left[0, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask: .* right padding only"):
+        model(x, attention_mask=left)
+    with pytest.raises(ValueError, match=r"attention_mask: expected a \(batch, seq\) padding mask"):
+        model(x, attention_mask=torch.ones(2, 1, 16, 16))
+
+
+def test_generate_recomputes_without_cache():
+    model = patch_gpt2(gpt2(), "qk-norm-cap").eval()
+    prompt = idx(1, 4)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    want = prompt
+    for _ in range(6):
+        want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m(idx(), use_cache=True), "use_cache"),
+        (lambda m: m(idx(), token_type_ids=idx()), "token_type_ids"),
+        (lambda m: m(idx(), output_attentions=True), "output_attentions"),
+        (lambda m: patch_gpt2(m, "gpt2"), "already patched"),
+        (unpatch_gpt2, "plain GPT-2 has no qk_norm"),
+    ],
+)
+def test_unsupported_calls_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(patch_gpt2(gpt2(), "qk-norm"))
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (lambda: gpt2(n_inner=64), {}, "n_inner=64"),
+        (lambda: gpt2(scale_attn_by_inverse_layer_idx=True), {}, "scale_attn_by_inverse_layer_idx"),
+        (lambda: gpt2(activation_function="relu"), {}, "activation_function='relu'"),
+        (lambda: gpt2(resid_pdrop=0.1), {}, "dropout: the model's resid_pdrop"),
+        (gpt2, dict(n_layer=3), "n_layer: the model has 2"),
+        (gpt2, dict(logit_softcap=30.0), "logit_softcap"),
+        (lambda: gpt2(tie_word_embeddings=False), dict(tie_embeddings=True), "tie_embeddings: the model's LM head is not tied"),
+        (gpt2, dict(low_rank=4), "low_rank: .* pass reinit=True"),
+        (lambda: torch.nn.Linear(2, 2), {}, "expected a transformers GPT2LMHeadModel"),
+    ],
+)
+def test_bad_patch_arguments(make, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        patch_gpt2(make(), "qk-norm", **kwargs)
+
+
+def test_plain_training_loop_and_gradient_checkpointing():
+    model = patch_gpt2(gpt2(), "stable", reinit=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model.transformer.h[0].attn.q_norm.weight) not in decayed and id(model.transformer.wte.weight) not in decayed
+    assert id(model.transformer.h[0].attn.c_attn.weight) in decayed
+    x = idx(4, 32)
+    losses = []
+    for _ in range(15):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    # Activation checkpointing: each block runs again in backward, and the gradients do not change.
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.x / 4.x
+    enable()
+    calls = []
+    model.transformer.h[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    assert len(calls) == 2
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_trains_saves_and_reloads(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = patch_gpt2(GPT2LMHeadModel(hf_config()), "wesar", reinit=True)
+    rows = torch.randint(0, V, (8, 32))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8,
+                             learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3, losses
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = load_patched(str(tmp_path / "saved"))
+    assert reloaded.config.stableblocks == model.config.stableblocks
+    model.eval()
+    torch.testing.assert_close(reloaded(rows).logits, model(rows).logits, atol=0, rtol=0)
+    with pytest.raises(RuntimeError):  # plain GPT-2 refuses the nn.Linear layout: no silent misload
+        GPT2LMHeadModel.from_pretrained(tmp_path / "saved")
+
+
+def test_unpatch_gives_plain_gpt2(tmp_path):
+    model = patch_gpt2(gpt2(), "wesar", embed_scale=True)
+    with torch.no_grad():  # trained gates and weights, as after a run
+        for p in model.parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))
+    x = idx()
+    before = model(x).logits
+    unpatch_gpt2(model)
+    assert type(model.transformer.h[0]).__name__ == "GPT2Block" and isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    assert not hasattr(model.config, "stableblocks") and model.config.use_cache
+    torch.testing.assert_close(model(x).logits, before, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(plain(x).logits, before, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a patched model"):
+        load_patched(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qk-fc-norm"])
+def test_from_hf_and_to_hf(name):
+    original = gpt2()
+    x = idx()
+    patched = patch_gpt2(copy.deepcopy(original), name)
+    for source in (original, patched):  # plain (recipe gpt2) and patched (its own config)
+        model = sb.StableGPT.from_hf(source).eval()
+        torch.testing.assert_close(model(x)[0], source(x).logits, atol=1e-5, rtol=1e-5)
+    bare = sb.StableGPT.from_hf(original.transformer)
+    torch.testing.assert_close(bare(x)[0], original(x).logits, atol=1e-5, rtol=1e-5)
+    stable = sb.StableGPT(sb.recipe(name, vocab_size=V, block_size=P, n_layer=2, n_head=2, n_embd=32, embed_ln=True)).eval()
+    exported = stable.to_hf()
+    torch.testing.assert_close(exported(x).logits, stable(x)[0], atol=1e-5, rtol=1e-5)
