@@ -135,7 +135,7 @@ class TrainConfig:
     plot: bool = True
     """write PNG plots into OUT_DIR at the end."""
     progress: bool = True
-    """show a progress bar."""
+    """show a progress bar and print the summary."""
 
 
 # ---------------------------------------------------------------- config
@@ -288,6 +288,17 @@ def _wrap(model: StableGPT, cfg: TrainConfig, d: Dist):
     return model, model
 
 
+def _reshard(core) -> None:
+    """After a no-grad forward under FSDP2: the root keeps its gathered weights after forward
+    (for the backward that never comes) and the next forward would reuse them after the
+    optimizer has changed the shards. Drop them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in core.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _grad_sync(net, core, cfg: TrainConfig, sync: bool):
     """Gradient all-reduce only on the last micro-step of an accumulation."""
     if cfg.fsdp:
@@ -373,7 +384,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     n_params = model.num_params()
     net, core = _wrap(model, cfg, d)
     opt = core.configure_optimizers(cfg.weight_decay, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    schedule = WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     precision, autocast = _autocast(cfg, d.device)
     torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ across processes
     gen = torch.Generator().manual_seed(cfg.seed)  # the data position: batches are random windows
@@ -386,6 +398,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     def restore(state: dict, everything: bool) -> None:
         checkpoint.load_training_state(core, opt, state["model"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        # The schedule is this run's config (a resumed run may be longer); the step is the checkpoint's.
+        sched.lr_lambdas, sched.base_lrs = [schedule] * len(opt.param_groups), [cfg.lr] * len(opt.param_groups)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * schedule(sched.last_epoch)
         if everything:
             gen.set_state(state["data"])
             rngs = state["rng"]
@@ -431,6 +447,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             with autocast():
                 total += core(x.to(d.device), y.to(d.device))[1].float()
         core.train()
+        if cfg.fsdp:
+            _reshard(core)
         return d.mean(total / cfg.eval_batches).item()
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
@@ -460,6 +478,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             row["grad_norm_layers"] = diagnostics.grad_norms(core)
             probe_x, _ = corpus.train.sample(1, seq_len, torch.Generator().manual_seed(cfg.seed + 2 + step))
             row.update(diagnostics.probe(core, probe_x.to(d.device), autocast))
+            if cfg.fsdp:
+                _reshard(core)
             ratio.snapshot()
 
         tripped = [name for name, value in (("loss", loss_value), ("grad_norm", grad_norm)) if detectors[name].update(value)]
