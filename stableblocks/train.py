@@ -559,9 +559,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.plot:
-            from . import plot
+            try:
+                from . import plot
 
-            summary["plots"] = [str(p) for p in plot.plot_runs([out], out)]
+                summary["plots"] = [str(p) for p in plot.plot_runs([out], out)]
+            except ImportError as e:  # matplotlib is the `plot` extra
+                print(f"no plots ({e}); pip install 'stableblocks[plot]'")
         if cfg.progress:
             _print_summary(summary)
     return summary
