@@ -101,10 +101,10 @@ class TrainConfig:
     """sequences per micro-step, over all processes (the same whatever the number of processes)."""
     grad_accum: int = 1
     """micro-steps per optimizer step."""
-    steps: int = 600
+    steps: int = 300
     lr: float = 3e-3
     """peak learning rate, reached after `warmup` steps, then cosine decay to lr * min_lr_ratio."""
-    warmup: int = 50
+    warmup: int = 30
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -122,11 +122,11 @@ class TrainConfig:
     fsdp: bool = False
     """under torchrun: shard with FSDP2 (fully_shard per block, then the root) instead of DDP."""
     seed: int = 1337
-    eval_interval: int = 100
+    eval_interval: int = 50
     eval_batches: int = 8
     diag_interval: int = 10
     """diagnostics every this many steps (0: off); loss, lr, grad norm and tokens/s are logged every step."""
-    ckpt_interval: int = 200
+    ckpt_interval: int = 100
     """checkpoint every this many steps and at the end (0: never)."""
     out_dir: str = "runs/train"
     resume: bool = False
@@ -177,7 +177,8 @@ def parse_args(argv=None) -> TrainConfig:
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
     base = load_config(known.config) if known.config else TrainConfig()
-    return tyro.cli(TrainConfig, args=rest, default=base, prog="stableblocks train", description=__doc__)
+    return tyro.cli(TrainConfig, args=rest, default=base, prog="stableblocks train", description=__doc__,
+                    console_outputs=os.environ.get("RANK", "0") == "0")  # under torchrun, one copy of the help
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> StableConfig:
@@ -393,13 +394,14 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                  "grad_norm": SpikeDetector(cfg.spike.window, cfg.spike.k, cfg.spike.min_history)}
     watched = ("loss", "grad_norm") if cfg.spike.metric == "both" else (cfg.spike.metric,)
     stats = {"first_loss": None, "best_val_loss": None, "val_loss": None, "spike_steps": [], "skipped_steps": [],
-             "rollbacks": 0, "max_grad_norm": 0.0, "max_attn_logit": None, "tokens": 0, "train_time": 0.0}
+             "rollbacks": 0, "max_grad_norm": 0.0, "max_attn_logit": None, "tokens": 0, "train_time": 0.0, "diag_time": 0.0}
 
     def restore(state: dict, everything: bool) -> None:
         checkpoint.load_training_state(core, opt, state["model"], state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        sched.load_state_dict(state["scheduler"])  # (also overwrites the schedule's settings)
         # The schedule is this run's config (a resumed run may be longer); the step is the checkpoint's.
-        sched.lr_lambdas, sched.base_lrs = [schedule] * len(opt.param_groups), [cfg.lr] * len(opt.param_groups)
+        schedule.__init__(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * schedule(sched.last_epoch)
         if everything:
@@ -474,6 +476,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
 
         diag = cfg.diag_interval > 0 and step % cfg.diag_interval == 0
+        t_diag = time.perf_counter()
         if diag:
             row["grad_norm_layers"] = diagnostics.grad_norms(core)
             probe_x, _ = corpus.train.sample(1, seq_len, torch.Generator().manual_seed(cfg.seed + 2 + step))
@@ -481,6 +484,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             if cfg.fsdp:
                 _reshard(core)
             ratio.snapshot()
+        t_diag = time.perf_counter() - t_diag
 
         tripped = [name for name, value in (("loss", loss_value), ("grad_norm", grad_norm)) if detectors[name].update(value)]
         if tripped:
@@ -516,12 +520,15 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if diag and not skipped and not diverged:
+            t = time.perf_counter()
             row["update_ratio"] = ratio.ratios()
+            t_diag += time.perf_counter() - t
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         stats["tokens"] += tokens_per_step
         stats["train_time"] += dt
+        stats["diag_time"] += t_diag
         row["tokens_per_s"] = tokens_per_step / dt
         step += 1
 
@@ -555,6 +562,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         "skipped_steps": stats["skipped_steps"], "rollbacks": stats["rollbacks"],
         "max_grad_norm": stats["max_grad_norm"], "max_attn_logit": stats["max_attn_logit"],
         "tokens_per_s": stats["tokens"] / stats["train_time"] if stats["train_time"] else None,
+        # time in diagnostics / time in the rest of the steps, both measured in this run
+        "diag_overhead": stats["diag_time"] / (stats["train_time"] - stats["diag_time"]) if stats["train_time"] else None,
     }
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -580,7 +589,7 @@ def _print_summary(s: dict) -> None:
           + (f"; {len(s['skipped_steps'])} updates skipped" if s["skipped_steps"] else "")
           + (f"; {s['rollbacks']} rollbacks" if s["rollbacks"] else ""))
     print(f"  max grad norm {fmt(s['max_grad_norm'])}; max |attention logit| {fmt(s['max_attn_logit'])}; "
-          f"{s['tokens_per_s'] or 0:.0f} tokens/s")
+          f"{s['tokens_per_s'] or 0:.0f} tokens/s; diagnostics {100 * (s['diag_overhead'] or 0):.1f}% of step time")
 
 
 def main(argv=None) -> dict:

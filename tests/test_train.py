@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stableblocks import checkpoint, data
-from stableblocks.train import DataConfig, SpikeConfig, TrainConfig, main, parse_args, run
+from stableblocks.train import DataConfig, SpikeConfig, TrainConfig, WarmupCosine, main, parse_args, run
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +80,14 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, cache_dir, mo
     sa, sb = checkpoint.load(tmp_path / "full" / "ckpt.pt"), checkpoint.load(tmp_path / "split" / "ckpt.pt")
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
+
+
+def test_a_resumed_run_may_be_longer(tmp_path, cache_dir):
+    run(tiny(tmp_path, cache_dir, steps=6, ckpt_interval=6, lr=1e-3, warmup=2))
+    run(tiny(tmp_path, cache_dir, steps=10, ckpt_interval=6, lr=2e-3, warmup=2, resume=True))
+    schedule = WarmupCosine(2, 10, 0.1)  # the new run's schedule from step 6 on, at its peak lr
+    assert [r["lr"] for r in rows(tmp_path)][6:] == pytest.approx([2e-3 * schedule(s) for s in range(6, 10)])
+    assert [r["step"] for r in rows(tmp_path)] == list(range(10))
 
 
 def test_resume_refuses_a_different_model(tmp_path, cache_dir):
@@ -179,3 +187,10 @@ def test_spike_guard_rolls_back_to_the_checkpoint(tmp_path, cache_dir, monkeypat
 def test_divergence_stops_the_run(tmp_path, cache_dir):
     summary = run(tiny(tmp_path, cache_dir, steps=30, lr=1e4, grad_clip=0.0, warmup=0, eval_interval=0, ckpt_interval=0))
     assert summary["diverged"] and summary["steps"] < 30
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="fused_add_norm rejects the fp32 residual + bf16 "
+                   "sublayer output that autocast produces; remove this mark once it promotes")
+def test_bf16_autocast_trains(tmp_path, cache_dir):
+    summary = run(tiny(tmp_path, cache_dir, steps=4, precision="bf16", ckpt_interval=0))
+    assert summary["final_loss"] < summary["first_loss"]
