@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from stableblocks import checkpoint
-from stableblocks.train import run
+from stableblocks.train import WarmupCosine, run
 
 from test_train import cache_dir, rows, tiny  # noqa: F401  (cache_dir is a fixture)
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--model.n-layer", "2", "--model.n-head", "2",
+ARGS = ["--steps", "6", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--model.n-layer", "2", "--model.n-head", "2",
         "--model.n-embd", "32", "--lr", "3e-3", "--warmup", "4", "--eval-interval", "3", "--eval-batches", "2",
         "--diag-interval", "2", "--ckpt-interval", "6", "--no-plot", "--no-progress"]
 
@@ -43,9 +43,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, cache_dir):  # noqa: F811
-    """The 1-process reference run (6 steps, diagnostics every 2 steps, checkpoint at the end)."""
+    """The 1-process reference run (6 steps of 2 micro-steps, diagnostics every 2 steps, checkpoint at the end)."""
     out = tmp_path_factory.mktemp("single")
-    cfg = tiny(out, cache_dir, steps=6, eval_interval=3, diag_interval=2, ckpt_interval=6)
+    cfg = tiny(out, cache_dir, steps=6, grad_accum=2, eval_interval=3, diag_interval=2, ckpt_interval=6)
     run(cfg)
     return out
 
@@ -81,6 +81,8 @@ def test_two_processes_follow_one_and_resume_in_one(tmp_path, cache_dir, single,
         dst.mkdir()
         for f in ("ckpt.pt", "metrics.jsonl"):
             (dst / f).write_bytes((src / f).read_bytes())
-        run(tiny(dst, cache_dir, steps=9, eval_interval=3, diag_interval=2, ckpt_interval=0, resume=True))
+        run(tiny(dst, cache_dir, steps=9, grad_accum=2, eval_interval=3, diag_interval=2, ckpt_interval=0, resume=True))
         resumed[name] = torch.tensor([r["loss"] for r in rows(dst)][6:], dtype=torch.float64)
     assert len(resumed["two"]) == 3 and torch.allclose(resumed["one"], resumed["two"], rtol=1e-4), resumed
+    lrs = [r["lr"] for r in rows(dst)][6:]  # the resumed run follows its own, longer schedule
+    assert lrs == pytest.approx([3e-3 * WarmupCosine(4, 9, 0.1)(s) for s in range(6, 9)])
