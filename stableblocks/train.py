@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, Optional, get_type_hints
+from typing import Annotated, Literal, Optional, get_type_hints
 
 import torch
 import torch.distributed as dist
+import tyro
 from tqdm import tqdm
 
 from . import checkpoint, data, diagnostics
@@ -41,14 +42,16 @@ SIZES = {
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, seq_len=1024),
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, seq_len=1024),
 }
-RecipeName = Literal[tuple(sorted(recipes()))]  # type: ignore[valid-type]
-SizeName = Literal[tuple(SIZES)]  # type: ignore[valid-type]
+RecipeName = Literal[tuple(sorted(recipes()))]
+SizeName = Literal[tuple(SIZES)]
 
 # Every StableConfig field but the ones the data and --seq-len decide, as an optional override.
 _hints = get_type_hints(StableConfig)
 ModelOverrides = make_dataclass(
     "ModelOverrides",
-    [(f.name, Optional[_hints[f.name]], field(default=None)) for f in fields(StableConfig) if f.name not in ("vocab_size", "block_size")],
+    [(f.name, Annotated[Optional[_hints[f.name]], tyro.conf.arg(help=f"StableConfig.{f.name} (unset: the recipe's or size's)")],
+      field(default=None))
+     for f in fields(StableConfig) if f.name not in ("vocab_size", "block_size")],
 )
 ModelOverrides.__module__ = __name__
 ModelOverrides.__doc__ = "StableConfig fields to override on top of the recipe and size (unset: the recipe's value)."
@@ -93,7 +96,8 @@ class TrainConfig:
     """named stabiliser preset (see the README's recipe table)."""
     size: SizeName = "tiny"
     """model size preset: tiny (CPU, minutes) or the GPT-2 family."""
-    model: ModelOverrides = field(default_factory=ModelOverrides)  # type: ignore[valid-type]
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    """StableConfig fields set on top of the recipe and the size."""
     data: DataConfig = field(default_factory=DataConfig)
     seq_len: Optional[int] = None
     """sequence length (default: the size's context, 128 for tiny and 1024 for GPT-2)."""
@@ -171,8 +175,6 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    import tyro
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
@@ -537,9 +539,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         stats["final_loss"] = loss_value
         if math.isfinite(grad_norm):
             stats["max_grad_norm"] = max(stats["max_grad_norm"], grad_norm)
-        if diag:
-            peak = max(row["attn_logit_max"])
-            stats["max_attn_logit"] = peak if stats["max_attn_logit"] is None else max(stats["max_attn_logit"], peak)
+        peak = max(row.get("attn_logit_max", [math.nan]))
+        if math.isfinite(peak):
+            stats["max_attn_logit"] = max(stats["max_attn_logit"] or 0.0, peak)
         if not diverged and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps):
             row["val_loss"] = stats["val_loss"] = evaluate()
             if stats["best_val_loss"] is None or row["val_loss"] < stats["best_val_loss"]:
