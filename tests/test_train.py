@@ -37,6 +37,7 @@ def test_bundled_corpus():
     assert len(text) > 4_000_000 and "In the beginning God created the heaven and the earth." in text
 
 
+@pytest.mark.slow
 def test_train_loss_falls_and_writes_metrics_and_plots(tmp_path, cache_dir):
     summary = main(["--steps", "40", "--model.n-layer", "2", "--model.n-embd", "64", "--seq-len", "64",
                     "--batch-size", "8", "--eval-interval", "20", "--diag-interval", "10", "--no-progress",
@@ -172,6 +173,7 @@ def test_spike_guard_skips_the_update(tmp_path, cache_dir, monkeypatch):
     assert {int(s["step"]) for s in opt_state.values()} == {35}  # 36 steps, one update skipped
 
 
+@pytest.mark.slow
 def test_spike_guard_rolls_back_to_the_checkpoint(tmp_path, cache_dir, monkeypatch):
     _spike_at(monkeypatch, 31)
     summary = run(tiny(tmp_path, cache_dir, steps=36, lr=1e-2, eval_interval=0, ckpt_interval=25,
