@@ -27,3 +27,18 @@ def test_embedding_fixes_flatten_gradients_at_init():
     assert out["embed-ln"]["residual_std"][0] == pytest.approx(1.0, abs=0.05)
     # sqrt(2 * 2/5) ~ 0.89 for the token + position sum under the scaled init.
     assert out["scaled-embed"]["residual_std"][0] == pytest.approx(math.sqrt(4 / 5), abs=0.08)
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(tmp_path):
+    from benchmarks.stability.__main__ import QUICK, main
+
+    out = main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    assert len(out["rows"]) == len(QUICK.variants) * len(QUICK.lrs) * len(QUICK.seeds)
+    for t in out["table"]:
+        assert t["best_loss"] < math.log(256)  # every variant learned something
+    for name in ("results.csv", "results.md", "init.json", "loss_vs_lr.png", "grad_norm_traces.png",
+                 "grad_norm_at_init.png", "attn_logit_growth.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    md = (tmp_path / "results.md").read_text()
+    assert all(f"| {v} |" in md for v in QUICK.variants)

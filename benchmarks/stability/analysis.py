@@ -30,8 +30,7 @@ def gradients_at_init(recipe: str, n_layer: int, n_embd: int, n_head: int, block
     torch.manual_seed(seed)
     cfg = sb.recipe(recipe, vocab_size=256, n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)
     model = sb.StableGPT(cfg)
-    tokens = data.byte_tokens(data.bundled_text()[:2_000_000])
-    x, y = data.get_batch(tokens, batch_size, block_size, torch.Generator().manual_seed(seed))
+    x, y = data.load("bundled", "byte").train.sample(batch_size, block_size, torch.Generator().manual_seed(seed))
     stds = []
     hooks = [b.register_forward_pre_hook(lambda m, args: stds.append(args[0].detach().float().std().item())) for b in model.blocks]
     _, loss = model(x, y)
