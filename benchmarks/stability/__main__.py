@@ -53,7 +53,7 @@ class Setup:
     lrs: list[float]
     seeds: list[int]
     steps: int
-    n_layer: int = 6
+    n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     seq_len: int = 128
@@ -62,7 +62,7 @@ class Setup:
     init_width: int = 256
 
 
-FULL = Setup(variants=list(VARIANTS), lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0], steps=400)
+FULL = Setup(variants=list(VARIANTS), lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], seeds=[0], steps=300, n_layer=4)
 QUICK = Setup(variants=["vanilla", "embed-ln"], lrs=[3e-3, 1e-1], seeds=[0], steps=30, n_layer=2,
               n_embd=64, seq_len=64, batch_size=8, init_layers=6, init_width=64)
 
