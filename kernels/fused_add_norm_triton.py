@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (cast_rtne, check_runnable, empty, launched, normalize, normalize_backward,
-                        partial_programs, rows, sum_partials, tile)
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+                        normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
 @triton.jit
@@ -143,26 +143,19 @@ def _add_norm_bwd(
     tl.store(DNB + pid * width + col, dnb, mask=col_ok)
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096)) -> list[dict]:
-    """What the launchers compile at these widths (every option on: the most registers)."""
-    rowwise = {"n_rows": "i32", "width": "i32"}
-    configs = []
-    for width in widths:
-        block_m, block_n, num_warps = tile(width)
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        configs.append(dict(
-            kernel="_add_norm_fwd", num_warps=num_warps,
-            constexprs={"HAS_POST": 1, "HAS_POST_BIAS": 1, "HAS_NEXT": 1, "HAS_NEXT_BIAS": 1, **blocks},
-            signature={**{p: "*fp32" for p in ("X", "Z", "W", "B", "NW", "NB", "Y", "N", "MeanZ", "RstdZ", "MeanY",
-                                                "RstdY")},
-                       "stride_x": "i32", "stride_z": "i32", **rowwise, "eps": "fp32"}))
-        configs.append(dict(
-            kernel="_add_norm_bwd", num_warps=tile(width, backward=True)[2],
-            constexprs={"HAS_DY": 1, "HAS_POST": 1, "HAS_NEXT": 1, **blocks},
-            signature={**{p: "*fp32" for p in ("DY", "DN", "Z", "Y", "W", "NW", "MeanZ", "RstdZ", "MeanY", "RstdY",
-                                                "DX", "DZ", "DW", "DB", "DNW", "DNB")},
-                       "stride_dy": "i32", "stride_dn": "i32", "stride_z": "i32", **rowwise}))
-    return configs
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+    """What the launchers compile at these widths, every option on (the most registers)."""
+    fwd = {**{p: "*act" for p in ("X", "Z", "Y", "N")}, **{p: "*fp32" for p in ("W", "B", "NW", "NB")},
+           **{p: "*fp32" for p in ("MeanZ", "RstdZ", "MeanY", "RstdY")},
+           "stride_x": "i32", "stride_z": "i32", "n_rows": "i32", "width": "i32", "eps": "fp32"}
+    bwd = {**{p: "*act" for p in ("DY", "DN", "Z", "Y")}, "W": "*fp32", "NW": "*fp32",
+           **{p: "*fp32" for p in ("MeanZ", "RstdZ", "MeanY", "RstdY")}, "DX": "*act", "DZ": "*act",
+           **{p: "*fp32" for p in ("DW", "DB", "DNW", "DNB")},
+           "stride_dy": "i32", "stride_dn": "i32", "stride_z": "i32", "n_rows": "i32", "width": "i32"}
+    on = {"HAS_POST": 1, "HAS_NEXT": 1}
+    return [job for width in widths for job in (
+        aot_config("_add_norm_fwd", width, fwd, {**on, "HAS_POST_BIAS": 1, "HAS_NEXT_BIAS": 1}, act=act),
+        aot_config("_add_norm_bwd", width, bwd, {"HAS_DY": 1, **on}, backward=True, act=act))]
 
 
 # ---- torch.library ops ----

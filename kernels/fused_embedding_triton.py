@@ -5,11 +5,11 @@ idx and the fp32 mean/rstd of each row, nothing else; the pre-LN rows are recomp
 and wpe, which autograd keeps anyway.
 
 Backward, one program per (position tile, batch slice): reads de once, recomputes the rows,
-sums d wpe over its batch slice in registers (no atomics), keeps fp32 partial sums for the LN
-weight and bias, and scatter-adds d wte with fp32 atomics. Under
-torch.use_deterministic_algorithms(True) the scatter is replaced by a sort of idx and one
-segment sum per distinct token (reads de a second time, never an atomic), so two runs give
-bitwise-equal gradients.
+sums d wpe over its batch slice in registers, keeps fp32 partial sums for the LN weight and
+bias, and adds into d wte (every row) and d wpe (once per slice) with fp32 atomics. Under
+torch.use_deterministic_algorithms(True) there is no atomic anywhere: each slice writes its own
+d wpe partial (summed in a fixed order), and d wte comes from a stable sort of idx and one
+segment sum per distinct token (reading de a second time), so two runs give the same bits.
 
 idx range: on CPU a ValueError before launch; on CUDA an asynchronous device assert
 (torch._assert_async, no host sync), as F.embedding raises on CUDA. Never a clamp.
@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (cast_rtne, check_runnable, empty, launched, normalize, normalize_backward,
-                        partial_programs, rows, sum_partials, tile)
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+                        normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
 @triton.jit
@@ -105,7 +105,8 @@ def _embedding_bwd(
     LNW,  # *(width,) Embed LN weight; ignored unless HAS_LN
     Mean, Rstd,  # *fp32 (n_rows,) the forward's statistics; ignored unless HAS_LN
     DWTE,  # *fp32 (vocab, width) zeroed; atomically accumulated unless ATOMIC == 0
-    DWPE,  # *fp32 (slices, seq_len, width): this batch slice's sum of d wpe, written once
+    DWPE,  # *fp32 ATOMIC: (positions, width) zeroed, each slice adds its sum of d wpe once;
+           #       else (slices, seq_len, width), each slice writes its own sum
     DLNW, DLNB,  # *fp32 (programs, width) partial sums for the LN weight and bias
     stride_de,
     stride_wte,
@@ -116,7 +117,7 @@ def _embedding_bwd(
     scale,  # float; cast to fp32 here
     HAS_WPE: tl.constexpr,
     HAS_LN: tl.constexpr,
-    ATOMIC: tl.constexpr,  # 1: scatter-add d wte here; 0: the sorted segment kernel does it
+    ATOMIC: tl.constexpr,  # 1: atomics for d wte and across slices of d wpe; 0: none (deterministic)
     BLOCK_M: tl.constexpr,  # positions per program
     BLOCK_N: tl.constexpr,
 ):
@@ -144,7 +145,10 @@ def _embedding_bwd(
         if ATOMIC:
             tl.atomic_add(DWTE + tok[:, None] * width + col[None, :], g, mask=ok)
     if HAS_WPE:
-        tl.store(DWPE + (pid_b * seq_len + pos[:, None]).to(tl.int64) * width + col[None, :], dwpe, mask=ok)
+        if ATOMIC:  # a few slices per position: the adds meet in L2, d wpe crosses DRAM once
+            tl.atomic_add(DWPE + pos[:, None].to(tl.int64) * width + col[None, :], dwpe, mask=ok)
+        else:
+            tl.store(DWPE + (pid_b * seq_len + pos[:, None]).to(tl.int64) * width + col[None, :], dwpe, mask=ok)
     # Every program writes its partial rows, idle ones too.
     pid = pid_b * tl.num_programs(0) + pid_t
     tl.store(DLNW + pid * width + col, dlnw, mask=col_ok)
@@ -192,32 +196,23 @@ def _embedding_bwd_sorted(
             tl.store(DWTE + tok * width + col, cast_rtne(acc, DWTE.dtype.element_ty), mask=col_ok)
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096)) -> list[dict]:
-    """What the launchers compile at these widths (position embeddings and Embed LN on)."""
-    configs = []
-    for width in widths:
-        block_m, block_n, num_warps = tile(width)
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        shapes = {"stride_wte": "i32", "stride_wpe": "i32", "seq_len": "i32", "width": "i32", "scale": "fp32"}
-        configs.append(dict(
-            kernel="_embedding_fwd", num_warps=num_warps,
-            constexprs={"HAS_WPE": 1, "HAS_LN": 1, "HAS_LN_BIAS": 1, **blocks},
-            signature={"IDX": "*i64", **{p: "*fp32" for p in ("WTE", "WPE", "LNW", "LNB", "E", "Mean", "Rstd")},
-                       **shapes, "n_rows": "i32", "eps": "fp32"}))
-        for atomic in (1, 0):
-            configs.append(dict(
-                kernel="_embedding_bwd", num_warps=tile(width, backward=True)[2],
-                constexprs={"HAS_WPE": 1, "HAS_LN": 1, "ATOMIC": atomic, **blocks},
-                signature={"DE": "*fp32", "IDX": "*i64", **{p: "*fp32" for p in ("WTE", "WPE", "LNW", "Mean", "Rstd",
-                                                                                  "DWTE", "DWPE", "DLNW", "DLNB")},
-                           "stride_de": "i32", **shapes, "batch": "i32"}))
-        configs.append(dict(
-            kernel="_embedding_bwd_sorted", num_warps=tile(width, backward=True)[2],
-            constexprs={"HAS_WPE": 1, "HAS_LN": 1, **blocks},
-            signature={"DE": "*fp32", "SORTED": "*i64", "ORDER": "*i64", "SEG_END": "*i64",
-                       **{p: "*fp32" for p in ("WTE", "WPE", "LNW", "Mean", "Rstd", "DWTE")},
-                       "stride_de": "i32", **shapes, "n_rows": "i32"}))
-    return configs
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+    """What the launchers compile at these widths (embeddings of type `act`, position embeddings
+    and Embed LN on), for both backward paths."""
+    shapes = {"stride_wte": "i32", "stride_wpe": "i32", "seq_len": "i32", "width": "i32", "scale": "fp32"}
+    stats = {"LNW": "*fp32", "Mean": "*fp32", "Rstd": "*fp32"}
+    fwd = {"IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "LNB": "*fp32", "E": "*act", **shapes,
+           "n_rows": "i32", "eps": "fp32"}
+    bwd = {"DE": "*act", "IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "DWTE": "*fp32", "DWPE": "*fp32",
+           "DLNW": "*fp32", "DLNB": "*fp32", "stride_de": "i32", **shapes, "batch": "i32"}
+    bwd_sorted = {"DE": "*act", "SORTED": "*i64", "ORDER": "*i64", "SEG_END": "*i64", "WTE": "*act", "WPE": "*act",
+                  **stats, "DWTE": "*act", "stride_de": "i32", **shapes, "n_rows": "i32"}
+    on = {"HAS_WPE": 1, "HAS_LN": 1}
+    return [job for width in widths for job in (
+        aot_config("_embedding_fwd", width, fwd, {**on, "HAS_LN_BIAS": 1}, act=act),
+        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 1}, backward=True, act=act),
+        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 0}, backward=True, act=act),
+        aot_config("_embedding_bwd_sorted", width, bwd_sorted, on, backward=True, act=act))]
 
 
 def _check_ids(idx: torch.Tensor, vocab: int) -> None:
@@ -287,10 +282,15 @@ def fused_embedding_bwd(
     deterministic = torch.are_deterministic_algorithms_enabled()
     block_m, block_n, num_warps = tile(width, backward=True)
     pos_tiles = triton.cdiv(seq_len, block_m)
-    # Batch slices give the grid enough programs when sequences are short; each adds one
-    # (seq_len, width) fp32 partial of d wpe, summed below in a fixed order.
+    # Batch slices give the grid enough programs when sequences are short. Deterministic mode
+    # keeps one fp32 (seq_len, width) partial of d wpe per slice, summed below in a fixed order.
     slices = max(1, min(batch, partial_programs(pos_tiles * batch, dev) // max(pos_tiles, 1)))
-    dwpe_part = torch.empty(slices if has_wpe else 0, seq_len, width, dtype=torch.float32, device=dev)
+    if not has_wpe:
+        dwpe = empty(dev)
+    elif deterministic:
+        dwpe = torch.empty(slices, seq_len, width, dtype=torch.float32, device=dev)
+    else:
+        dwpe = torch.zeros(wpe.shape, dtype=torch.float32, device=dev)
     lnw_part = (torch.empty if n_rows else torch.zeros)(pos_tiles * slices, width, dtype=torch.float32, device=dev)
     lnb_part = torch.empty_like(lnw_part) if n_rows else torch.zeros_like(lnw_part)
     # The atomic path accumulates in fp32; the sorted path writes each row once in wte's dtype.
@@ -300,7 +300,7 @@ def fused_embedding_bwd(
         lnw = ln_weight.contiguous() if has_ln else wte2
         stats = (mean, rstd) if has_ln else (de2, de2)
         _embedding_bwd[(pos_tiles, slices)](
-            de2, idx, wte2, wpe2, lnw, *stats, dwte, dwpe_part if has_wpe else de2, lnw_part, lnb_part,
+            de2, idx, wte2, wpe2, lnw, *stats, dwte, dwpe if has_wpe else de2, lnw_part, lnb_part,
             de2.stride(0), wte2.stride(0), wpe2.stride(0), batch, seq_len, width, scale,
             HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), ATOMIC=int(not deterministic),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -313,11 +313,11 @@ def fused_embedding_bwd(
                 de2.stride(0), wte2.stride(0), wpe2.stride(0), n_rows, seq_len, width, scale,
                 HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
             launched("fused_embedding_bwd_sorted")
-    dwpe = empty(dev)
-    if has_wpe:
-        dwpe = torch.zeros_like(wpe)
-        dwpe[:seq_len] = dwpe_part.sum(0)
-    return (dwte.to(wte.dtype), dwpe, sum_partials(lnw_part, ln_weight), sum_partials(lnb_part, ln_bias))
+    if has_wpe and deterministic:
+        partials, dwpe = dwpe, torch.zeros_like(wpe)
+        dwpe[:seq_len] = partials.sum(0)
+    return (dwte.to(wte.dtype), dwpe.to(wpe.dtype) if has_wpe else dwpe, sum_partials(lnw_part, ln_weight),
+            sum_partials(lnb_part, ln_bias))
 
 
 @fused_embedding_bwd.register_fake

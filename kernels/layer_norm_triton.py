@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (cast_rtne, check_runnable, empty, launched, normalize, normalize_backward,
-                        partial_programs, rows, sum_partials, tile)
+from .ln_common import (aot_config, cast_rtne, check_runnable, launched, normalize,
+                        normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
 @triton.jit
@@ -90,21 +90,15 @@ def _layer_norm_bwd(
     tl.store(DB + pid * width + col, db, mask=col_ok)
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096)) -> list[dict]:
-    """What the launchers compile at these widths: kernel, signature, constexprs, num_warps."""
-    configs = []
-    for width in widths:
-        block_m, block_n, num_warps = tile(width)
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        configs.append(dict(kernel="_layer_norm_fwd", num_warps=num_warps, constexprs={"HAS_BIAS": 1, **blocks},
-                            signature={"X": "*fp32", "Y": "*fp32", "W": "*fp32", "B": "*fp32", "Mean": "*fp32",
-                                       "Rstd": "*fp32", "stride_x": "i32", "n_rows": "i32", "width": "i32",
-                                       "eps": "fp32"}))
-        configs.append(dict(kernel="_layer_norm_bwd", num_warps=tile(width, backward=True)[2], constexprs=blocks,
-                            signature={"DY": "*fp32", "X": "*fp32", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
-                                       "DX": "*fp32", "DW": "*fp32", "DB": "*fp32", "stride_dy": "i32",
-                                       "stride_x": "i32", "n_rows": "i32", "width": "i32"}))
-    return configs
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+    """What the launchers compile at these widths (fp32 weights, activations of type `act`)."""
+    fwd = {"X": "*act", "Y": "*act", "W": "*fp32", "B": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
+           "stride_x": "i32", "n_rows": "i32", "width": "i32", "eps": "fp32"}
+    bwd = {"DY": "*act", "X": "*act", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DX": "*act", "DW": "*fp32",
+           "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "n_rows": "i32", "width": "i32"}
+    return [job for width in widths for job in (
+        aot_config("_layer_norm_fwd", width, fwd, {"HAS_BIAS": 1}, act=act),
+        aot_config("_layer_norm_bwd", width, bwd, {}, backward=True, act=act))]
 
 
 # ---- torch.library ops: opaque to torch.compile, which therefore works without a GPU driver ----

@@ -56,12 +56,24 @@ def cast_rtne(y, dtype: tl.constexpr):
 def tile(width: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of `width`; the same on every device.
 
-    Backward kernels keep about twice as many tiles live: twice the warps halves the registers
-    each thread needs (sm_90a, d=4096: 128 instead of 238 for the add-norm backward)."""
+    Forward tiles give each thread 16 values. Backward kernels keep about twice as many tiles
+    live, so theirs hold half the rows (where there are two or more) and give each thread 8:
+    without that the add-norm backward at d=4096 needs 238 registers a thread."""
     block_n = triton.next_power_of_2(width)
     block_m = max(1, min(_MAX_ROWS_PER_TILE, _TILE_ELEMENTS // block_n))
+    if backward:
+        block_m = max(1, block_m // 2)
     num_warps = max(1, min(16, block_m * block_n // (256 if backward else 512)))
     return block_m, block_n, num_warps
+
+
+def aot_config(kernel: str, width: int, signature: dict, constexprs: dict, backward: bool = False,
+               act: str = "fp32") -> dict:
+    """One compile job as the launcher would run it at `width`; "*act" in the signature stands for
+    a pointer to activations of type `act` (fp32, bf16, fp16)."""
+    block_m, block_n, num_warps = tile(width, backward)
+    return dict(kernel=kernel, num_warps=num_warps, constexprs={**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                signature={k: "*" + act if v == "*act" else v for k, v in signature.items()})
 
 
 def partial_programs(n_tiles: int, device: torch.device) -> int:
