@@ -172,17 +172,18 @@ def fused_add_norm_fwd(
     dev = x.device
     y = torch.empty(x.shape, dtype=x.dtype, device=dev)
     n = torch.empty_like(y) if next_weight is not None else empty(dev)
-    stats = x.shape[:-1]
-    mean_z, rstd_z = ((torch.empty(stats, dtype=torch.float32, device=dev) for _ in range(2)) if weight is not None
-                      else (empty(dev), empty(dev)))
-    mean_y, rstd_y = ((torch.empty(stats, dtype=torch.float32, device=dev) for _ in range(2))
-                      if next_weight is not None else (empty(dev), empty(dev)))
+
+    def stat(present):
+        return torch.empty(x.shape[:-1], dtype=torch.float32, device=dev) if present else empty(dev)
+
+    mean_z, rstd_z = stat(weight is not None), stat(weight is not None)
+    mean_y, rstd_y = stat(next_weight is not None), stat(next_weight is not None)
     if n_rows:
         block_m, block_n, num_warps = tile(width)
         params = [y if t is None else t.contiguous() for t in (weight, bias, next_weight, next_bias)]
+        stats = [s if s.numel() else y for s in (mean_z, rstd_z, mean_y, rstd_y)]  # absent: never touched
         _add_norm_fwd[(triton.cdiv(n_rows, block_m),)](
-            x2, z2, *params, y, n if n.numel() else y, *(s if s.numel() else y for s in (mean_z, rstd_z, mean_y, rstd_y)),
-            x2.stride(0), z2.stride(0), n_rows, width, eps,
+            x2, z2, *params, y, n if n.numel() else y, *stats, x2.stride(0), z2.stride(0), n_rows, width, eps,
             HAS_POST=int(weight is not None), HAS_POST_BIAS=int(bias is not None),
             HAS_NEXT=int(next_weight is not None), HAS_NEXT_BIAS=int(next_bias is not None),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -192,12 +193,13 @@ def fused_add_norm_fwd(
 
 @fused_add_norm_fwd.register_fake
 def _(x, z, weight, bias, next_weight, next_bias, eps):
+    def stat(present):
+        return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if present else empty(x.device)
+
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    none = x.new_empty(0)
-    post = (stat, torch.empty_like(stat)) if weight is not None else (none, x.new_empty(0))
-    nxt = (torch.empty_like(stat), torch.empty_like(stat)) if next_weight is not None else (x.new_empty(0), x.new_empty(0))
-    return y, torch.empty_like(y) if next_weight is not None else x.new_empty(0), *post, *nxt
+    n = torch.empty_like(y) if next_weight is not None else empty(x.device)
+    post, nxt = weight is not None, next_weight is not None
+    return y, n, stat(post), stat(post), stat(nxt), stat(nxt)
 
 
 @torch.library.custom_op("stableblocks::fused_add_norm_bwd", mutates_args=())
@@ -239,8 +241,8 @@ def fused_add_norm_bwd(
 @fused_add_norm_bwd.register_fake
 def _(dy, dn, z, y, weight, bias, next_weight, next_bias, mean_z, rstd_z, mean_y, rstd_y):
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
-    grads = [y.new_empty(0) if t is None else torch.empty_like(t) for t in (weight, bias, next_weight, next_bias)]
-    return dx, torch.empty_like(dx) if weight is not None else y.new_empty(0), *grads
+    grads = [empty(y.device) if t is None else torch.empty_like(t) for t in (weight, bias, next_weight, next_bias)]
+    return dx, torch.empty_like(dx) if weight is not None else empty(y.device), *grads
 
 
 def _setup_context(ctx, inputs, output):

@@ -259,7 +259,7 @@ def fused_embedding_fwd(
 @fused_embedding_fwd.register_fake
 def _(idx, wte, wpe, ln_weight, ln_bias, scale, eps):
     e = wte.new_empty(*idx.shape, wte.shape[1])
-    mean = wte.new_empty(idx.shape, dtype=torch.float32) if ln_weight is not None else wte.new_empty(0)
+    mean = wte.new_empty(idx.shape, dtype=torch.float32) if ln_weight is not None else empty(wte.device)
     return e, mean, torch.empty_like(mean)
 
 
@@ -322,7 +322,7 @@ def fused_embedding_bwd(
 
 @fused_embedding_bwd.register_fake
 def _(de, idx, wte, wpe, ln_weight, ln_bias, mean, rstd, scale):
-    return tuple(wte.new_empty(0) if t is None else torch.empty_like(t) for t in (wte, wpe, ln_weight, ln_bias))
+    return tuple(empty(wte.device) if t is None else torch.empty_like(t) for t in (wte, wpe, ln_weight, ln_bias))
 
 
 def _setup_context(ctx, inputs, output):

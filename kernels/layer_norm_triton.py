@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (aot_config, cast_rtne, check_runnable, launched, normalize,
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
                         normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
@@ -115,11 +115,10 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     rstd = torch.empty_like(mean)
     if n_rows:
         weight = weight.contiguous()
-        bias = weight if bias is None else bias.contiguous()
         block_m, block_n, num_warps = tile(width)
         _layer_norm_fwd[(triton.cdiv(n_rows, block_m),)](
-            x2, y, weight, bias, mean, rstd, x2.stride(0), n_rows, width, eps,
-            HAS_BIAS=int(bias is not weight), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            x2, y, weight, weight if bias is None else bias.contiguous(), mean, rstd, x2.stride(0), n_rows, width,
+            eps, HAS_BIAS=int(bias is not None), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         launched("layer_norm_fwd")
     return y, mean, rstd
 
@@ -153,7 +152,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd):
-    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    db = empty(x.device) if bias is None else torch.empty_like(bias)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), db
 
 

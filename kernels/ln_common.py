@@ -112,11 +112,12 @@ def check_kernel_input(name: str, t: torch.Tensor) -> None:
 
 
 def empty(device: torch.device) -> torch.Tensor:
-    """Stands in for an absent output of a custom op (its schema returns tensors only)."""
-    return torch.empty(0, device=device)
+    """Stands in for an absent output of a custom op (its schema returns tensors only); the
+    fake implementations return the same, so compiled graphs see the same metadata."""
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
 def sum_partials(part: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
     """Fixed-order fp32 sum of per-program partial rows, in the dtype of the weight it belongs to
     (an empty tensor when there is no such weight)."""
-    return part.new_empty(0) if like is None else part.sum(0).to(like.dtype)
+    return empty(part.device) if like is None else part.sum(0).to(like.dtype)
