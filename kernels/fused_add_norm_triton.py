@@ -219,7 +219,7 @@ def fused_add_norm_bwd(
     dx = torch.empty(y.shape, dtype=y.dtype, device=dev)
     dz = torch.empty_like(dx) if weight is not None else empty(dev)
     block_m, block_n, num_warps = tile(width, backward=True)
-    programs = partial_programs(triton.cdiv(n_rows, block_m), dev)
+    programs = partial_programs(n_rows, block_m, dev)
     # Every program writes its partial rows; with no rows nothing runs, so start from zeros then.
     parts = [(torch.empty if n_rows else torch.zeros)(programs, width, dtype=torch.float32, device=dev)
              for _ in range(4)]

@@ -284,7 +284,7 @@ def fused_embedding_bwd(
     pos_tiles = triton.cdiv(seq_len, block_m)
     # Batch slices give the grid enough programs when sequences are short. Deterministic mode
     # keeps one fp32 (seq_len, width) partial of d wpe per slice, summed below in a fixed order.
-    slices = max(1, min(batch, partial_programs(pos_tiles * batch, dev) // max(pos_tiles, 1)))
+    slices = max(1, min(batch, partial_programs(n_rows, block_m, dev) // max(pos_tiles, 1)))
     if not has_wpe:
         dwpe = empty(dev)
     elif deterministic:
@@ -308,7 +308,7 @@ def fused_embedding_bwd(
         if deterministic:
             sorted_ids, order = torch.sort(idx.reshape(-1).long(), stable=True)
             seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-            _embedding_bwd_sorted[(partial_programs(n_rows, dev),)](
+            _embedding_bwd_sorted[(partial_programs(n_rows, 1, dev),)](
                 de2, sorted_ids, order, seg_end, wte2, wpe2, lnw, *stats, dwte,
                 de2.stride(0), wte2.stride(0), wpe2.stride(0), n_rows, seq_len, width, scale,
                 HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)

@@ -138,7 +138,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     n_rows, width = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = tile(width, backward=True)
-    programs = partial_programs(triton.cdiv(n_rows, block_m), x.device)
+    programs = partial_programs(n_rows, block_m, x.device)
     # Every program writes its partial row; with no rows nothing runs, so start from zeros then.
     dw = (torch.empty if n_rows else torch.zeros)(programs, width, dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw) if n_rows else torch.zeros_like(dw)

@@ -76,14 +76,17 @@ def aot_config(kernel: str, width: int, signature: dict, constexprs: dict, backw
                 signature={k: "*" + act if v == "*act" else v for k, v in signature.items()})
 
 
-def partial_programs(n_tiles: int, device: torch.device) -> int:
-    """Programs of a backward grid that keeps one fp32 partial row of weight gradients each.
+def partial_programs(n_rows: int, block_m: int, device: torch.device) -> int:
+    """Programs of a persistent backward grid, each keeping one fp32 partial row of weight
+    gradients. On a GPU: one to four per SM, and at least 128 rows per program past one per SM,
+    so the partial rows (written, then read by the final sum) stay a few percent of the traffic.
 
-    Fixed for a device, so the order of the final sum, and the gradients, repeat bitwise."""
+    Fixed for a device and shape, so the order of the final sum, and the gradients, repeat bitwise."""
+    tiles = triton.cdiv(n_rows, block_m)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_tiles, 4 * sms))
-    return max(1, min(n_tiles, 4))  # the interpreter runs programs one after another
+        return max(1, min(tiles, max(sms, min(4 * sms, n_rows // 128))))
+    return max(1, min(tiles, 4))  # the interpreter runs programs one after another
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
