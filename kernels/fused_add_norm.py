@@ -51,6 +51,8 @@ def fused_add_norm(
     check_same_device("x", x, z=z, weight=weight, bias=bias, next_weight=next_weight, next_bias=next_bias)
     if use_triton("fused_add_norm", x):
         from .fused_add_norm_triton import fused_add_norm as kernel
+        from .ln_common import check_kernel_input
 
+        check_kernel_input("x", x)
         return kernel(x, z, weight, bias, next_weight=next_weight, next_bias=next_bias, eps=eps)
     return reference(x, z, weight, bias, next_weight=next_weight, next_bias=next_bias, eps=eps)

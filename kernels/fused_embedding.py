@@ -52,6 +52,8 @@ def fused_embedding(
     d = wte.shape[1]
     if wpe is not None:
         check_float("wpe", wpe)
+        if wpe.dtype != wte.dtype:
+            raise ValueError(f"wpe: expected the dtype of wte ({wte.dtype}), got {wpe.dtype}")
         if wpe.dim() != 2 or wpe.shape[1] != d:
             raise ValueError(f"wpe: expected shape (block_size, {d}), got {tuple(wpe.shape)}")
         if idx.shape[1] > wpe.shape[0]:
@@ -60,6 +62,8 @@ def fused_embedding(
     check_same_device("wte", wte, idx=idx, wpe=wpe, ln_weight=ln_weight, ln_bias=ln_bias)
     if use_triton("fused_embedding", wte):
         from .fused_embedding_triton import fused_embedding as kernel
+        from .ln_common import check_kernel_input
 
+        check_kernel_input("wte", wte)  # token ids are range-checked inside the op (see there)
         return kernel(idx, wte, wpe, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)
     return reference(idx, wte, wpe, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)

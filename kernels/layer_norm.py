@@ -22,7 +22,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_norm_params("layer_norm", weight, bias, x.shape[-1])
     check_same_device("x", x, weight=weight, bias=bias)
     if use_triton("layer_norm", x):
+        from .ln_common import check_kernel_input
         from .layer_norm_triton import layer_norm as kernel
 
+        check_kernel_input("x", x)
         return kernel(x, weight, bias, eps)
     return reference(x, weight, bias, eps)

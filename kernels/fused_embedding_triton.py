@@ -1,0 +1,352 @@
+"""Token + position embedding, scale and Embed LN in one pass, in Triton.
+
+Forward: e = LN((wte[idx] + wpe[t]) * scale) (LN optional), written once. Saved for backward:
+idx and the fp32 mean/rstd of each row, nothing else; the pre-LN rows are recomputed from wte
+and wpe, which autograd keeps anyway.
+
+Backward, one program per (position tile, batch slice): reads de once, recomputes the rows,
+sums d wpe over its batch slice in registers, keeps fp32 partial sums for the LN weight and
+bias, and adds into d wte (every row) and d wpe (once per slice) with fp32 atomics. Under
+torch.use_deterministic_algorithms(True) there is no atomic anywhere: each slice writes its own
+d wpe partial (summed in a fixed order), and d wte comes from a stable sort of idx and one
+segment sum per distinct token (reading de a second time), so two runs give the same bits.
+
+idx range: on CPU a ValueError before launch; on CUDA an asynchronous device assert
+(torch._assert_async, no host sync), as F.embedding raises on CUDA. Never a clamp.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backend
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+                        normalize_backward, partial_programs, rows, sum_partials, tile)
+
+
+@triton.jit
+def _embed_rows(WTE, WPE, tok, pos, col, ok, stride_wte, stride_wpe, scale, HAS_WPE: tl.constexpr):
+    """(wte[tok] + wpe[pos]) * scale as an fp32 tile."""
+    e = tl.load(WTE + tok[:, None] * stride_wte + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_WPE:
+        e += tl.load(WPE + pos[:, None] * stride_wpe + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    return e * scale
+
+
+@triton.jit
+def _embedding_fwd(
+    IDX,  # *int (n_rows,) token ids, row = b * seq_len + t
+    WTE,  # *(vocab, width) token embeddings, unit column stride
+    WPE,  # *(positions, width) position embeddings; ignored unless HAS_WPE
+    LNW,  # *(width,) Embed LN weight; ignored unless HAS_LN
+    LNB,  # *(width,) Embed LN bias; ignored unless HAS_LN_BIAS
+    E,  # *(n_rows, width) output, contiguous, WTE's dtype
+    Mean,  # *fp32 (n_rows,) saved for backward; ignored unless HAS_LN
+    Rstd,  # *fp32 (n_rows,)
+    stride_wte,
+    stride_wpe,
+    n_rows,
+    seq_len,
+    width,
+    scale,  # float; cast to fp32 here
+    eps,  # float; cast to fp32 here
+    HAS_WPE: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_LN_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    row_ok = row < n_rows
+    col_ok = col < width  # padded lanes of a width that is not a power of two
+    ok = row_ok[:, None] & col_ok[None, :]
+    tok = tl.load(IDX + row, mask=row_ok, other=0).to(tl.int64)
+    e = _embed_rows(WTE, WPE, tok, row % seq_len, col, ok, stride_wte, stride_wpe, tl.cast(scale, tl.float32),
+                    HAS_WPE)
+    if HAS_LN:
+        mean, rstd, e = normalize(e, col_ok, width, tl.cast(eps, tl.float32))
+        e *= tl.load(LNW + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_LN_BIAS:
+            e += tl.load(LNB + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Mean + row, mean, mask=row_ok)
+        tl.store(Rstd + row, rstd, mask=row_ok)
+    row = row.to(tl.int64)
+    tl.store(E + row[:, None] * width + col[None, :], cast_rtne(e, E.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, pos, col, row_ok, col_ok, stride_de, stride_wte,
+                        stride_wpe, width, scale, HAS_WPE: tl.constexpr, HAS_LN: tl.constexpr):
+    """-> (g, de, ehat): g = d(wte[tok] + wpe[pos]) for a tile of rows, fp32; ehat 0 without LN."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    de = tl.load(DE + row[:, None] * stride_de + col[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_LN:
+        mean = tl.load(Mean + row, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + row, mask=row_ok, other=0.0)
+        e = _embed_rows(WTE, WPE, tok, pos, col, ok, stride_wte, stride_wpe, scale, HAS_WPE)
+        ehat = tl.where(ok, (e - mean[:, None]) * rstd[:, None], 0.0)
+        lnw = tl.load(LNW + col, mask=col_ok, other=0.0).to(tl.float32)
+        g = normalize_backward(de * lnw[None, :], ehat, rstd, col_ok, width)
+    else:
+        ehat = tl.zeros_like(de)
+        g = de
+    return g * scale, de, ehat
+
+
+@triton.jit
+def _embedding_bwd(
+    DE,  # *(n_rows, width) gradient of the output, unit column stride
+    IDX,  # *int (n_rows,) token ids
+    WTE,  # *(vocab, width) token embeddings (to recompute the pre-LN rows)
+    WPE,  # *(positions, width) position embeddings; ignored unless HAS_WPE
+    LNW,  # *(width,) Embed LN weight; ignored unless HAS_LN
+    Mean, Rstd,  # *fp32 (n_rows,) the forward's statistics; ignored unless HAS_LN
+    DWTE,  # *fp32 (vocab, width) zeroed; atomically accumulated unless ATOMIC == 0
+    DWPE,  # *fp32 ATOMIC: (positions, width) zeroed, each slice adds its sum of d wpe once;
+           #       else (slices, seq_len, width), each slice writes its own sum
+    DLNW, DLNB,  # *fp32 (programs, width) partial sums for the LN weight and bias
+    stride_de,
+    stride_wte,
+    stride_wpe,
+    batch,
+    seq_len,
+    width,
+    scale,  # float; cast to fp32 here
+    HAS_WPE: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    ATOMIC: tl.constexpr,  # 1: atomics for d wte and across slices of d wpe; 0: none (deterministic)
+    BLOCK_M: tl.constexpr,  # positions per program
+    BLOCK_N: tl.constexpr,
+):
+    pid_t = tl.program_id(0)  # position tile
+    pid_b = tl.program_id(1)  # batch slice: b = pid_b, pid_b + slices, ...
+    slices = tl.num_programs(1)
+    pos = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    pos_ok = pos < seq_len
+    col_ok = col < width
+    ok = pos_ok[:, None] & col_ok[None, :]
+    scale = tl.cast(scale, tl.float32)
+    dwpe = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    dlnw = tl.zeros((BLOCK_N,), tl.float32)
+    dlnb = tl.zeros((BLOCK_N,), tl.float32)
+    for b in range(pid_b, batch, slices):
+        row = tl.cast(b, tl.int64) * seq_len + pos
+        tok = tl.load(IDX + row, mask=pos_ok, other=0).to(tl.int64)
+        g, de, ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, pos, col, pos_ok, col_ok,
+                                          stride_de, stride_wte, stride_wpe, width, scale, HAS_WPE, HAS_LN)
+        dwpe += g
+        if HAS_LN:
+            dlnw += tl.sum(de * ehat, axis=0)
+            dlnb += tl.sum(de, axis=0)
+        if ATOMIC:
+            tl.atomic_add(DWTE + tok[:, None] * width + col[None, :], g, mask=ok)
+    if HAS_WPE:
+        if ATOMIC:  # a few slices per position: the adds meet in L2, d wpe crosses DRAM once
+            tl.atomic_add(DWPE + pos[:, None].to(tl.int64) * width + col[None, :], dwpe, mask=ok)
+        else:
+            tl.store(DWPE + (pid_b * seq_len + pos[:, None]).to(tl.int64) * width + col[None, :], dwpe, mask=ok)
+    # Every program writes its partial rows, idle ones too.
+    pid = pid_b * tl.num_programs(0) + pid_t
+    tl.store(DLNW + pid * width + col, dlnw, mask=col_ok)
+    tl.store(DLNB + pid * width + col, dlnb, mask=col_ok)
+
+
+@triton.jit
+def _embedding_bwd_sorted(
+    DE,  # *(n_rows, width) gradient of the output, unit column stride
+    SORTED,  # *int64 (n_rows,) token ids sorted (stably)
+    ORDER,  # *int64 (n_rows,) the row each sorted id came from
+    SEG_END,  # *int64 (n_rows,) one past the last sorted position holding the same id
+    WTE, WPE, LNW, Mean, Rstd,  # as in _embedding_bwd
+    DWTE,  # *(vocab, width) output, WTE's dtype, zeroed; rows of ids that occur are written once
+    stride_de,
+    stride_wte,
+    stride_wpe,
+    n_rows,
+    seq_len,
+    width,
+    scale,  # float; cast to fp32 here
+    HAS_WPE: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # occurrences summed per step
+    BLOCK_N: tl.constexpr,
+):
+    col = tl.arange(0, BLOCK_N)
+    col_ok = col < width
+    scale = tl.cast(scale, tl.float32)
+    for start in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        tok = tl.load(SORTED + start)
+        # A segment belongs to the program that holds its first sorted position.
+        if (start == 0) | (tl.load(SORTED + tl.maximum(start - 1, 0)) != tok):
+            end = tl.load(SEG_END + start)
+            acc = tl.zeros((BLOCK_N,), tl.float32)
+            for first in range(start, end, BLOCK_M):
+                k = first + tl.arange(0, BLOCK_M)
+                k_ok = k < end
+                row = tl.load(ORDER + k, mask=k_ok, other=0)
+                toks = tl.zeros((BLOCK_M,), tl.int64) + tok
+                g, _de, _ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, toks, row % seq_len, col,
+                                                    k_ok, col_ok, stride_de, stride_wte, stride_wpe, width, scale,
+                                                    HAS_WPE, HAS_LN)
+                acc += tl.sum(tl.where(k_ok[:, None], g, 0.0), axis=0)
+            tl.store(DWTE + tok * width + col, cast_rtne(acc, DWTE.dtype.element_ty), mask=col_ok)
+
+
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+    """What the launchers compile at these widths (embeddings of type `act`, position embeddings
+    and Embed LN on), for both backward paths."""
+    shapes = {"stride_wte": "i32", "stride_wpe": "i32", "seq_len": "i32", "width": "i32", "scale": "fp32"}
+    stats = {"LNW": "*fp32", "Mean": "*fp32", "Rstd": "*fp32"}
+    fwd = {"IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "LNB": "*fp32", "E": "*act", **shapes,
+           "n_rows": "i32", "eps": "fp32"}
+    bwd = {"DE": "*act", "IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "DWTE": "*fp32", "DWPE": "*fp32",
+           "DLNW": "*fp32", "DLNB": "*fp32", "stride_de": "i32", **shapes, "batch": "i32"}
+    bwd_sorted = {"DE": "*act", "SORTED": "*i64", "ORDER": "*i64", "SEG_END": "*i64", "WTE": "*act", "WPE": "*act",
+                  **stats, "DWTE": "*act", "stride_de": "i32", **shapes, "n_rows": "i32"}
+    on = {"HAS_WPE": 1, "HAS_LN": 1}
+    return [job for width in widths for job in (
+        aot_config("_embedding_fwd", width, fwd, {**on, "HAS_LN_BIAS": 1}, act=act),
+        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 1}, backward=True, act=act),
+        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 0}, backward=True, act=act),
+        aot_config("_embedding_bwd_sorted", width, bwd_sorted, on, backward=True, act=act))]
+
+
+def _check_ids(idx: torch.Tensor, vocab: int) -> None:
+    if idx.numel() == 0:
+        return
+    if idx.is_cuda:
+        torch._assert_async(((idx >= 0) & (idx < vocab)).all(), f"idx: token ids must lie in [0, {vocab})")
+        return
+    lo, hi = idx.min().item(), idx.max().item()
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"idx: token ids must lie in [0, {vocab}), got values from {lo} to {hi}")
+
+
+# ---- torch.library ops ----
+
+@torch.library.custom_op("stableblocks::fused_embedding_fwd", mutates_args=())
+def fused_embedding_fwd(
+    idx: torch.Tensor, wte: torch.Tensor, wpe: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor], scale: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (e (B, T, width) in wte's dtype, mean, rstd); mean and rstd are empty without Embed LN."""
+    check_runnable(wte)
+    _check_ids(idx, wte.shape[0])
+    batch, seq_len = idx.shape
+    n_rows, width = batch * seq_len, wte.shape[1]
+    dev = wte.device
+    e = torch.empty(batch, seq_len, width, dtype=wte.dtype, device=dev)
+    has_ln = ln_weight is not None
+    mean = torch.empty(batch, seq_len, dtype=torch.float32, device=dev) if has_ln else empty(dev)
+    rstd = torch.empty_like(mean)
+    if n_rows:
+        wte2, wpe2 = rows(wte), rows(wpe) if wpe is not None else rows(wte)
+        block_m, block_n, num_warps = tile(width)
+        lnw, lnb = (e if t is None else t.contiguous() for t in (ln_weight, ln_bias))
+        _embedding_fwd[(triton.cdiv(n_rows, block_m),)](
+            idx.contiguous(), wte2, wpe2, lnw, lnb, e, mean if has_ln else e, rstd if has_ln else e,
+            wte2.stride(0), wpe2.stride(0), n_rows, seq_len, width, scale, eps,
+            HAS_WPE=int(wpe is not None), HAS_LN=int(has_ln), HAS_LN_BIAS=int(ln_bias is not None),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launched("fused_embedding_fwd")
+    return e, mean, rstd
+
+
+@fused_embedding_fwd.register_fake
+def _(idx, wte, wpe, ln_weight, ln_bias, scale, eps):
+    e = wte.new_empty(*idx.shape, wte.shape[1])
+    mean = wte.new_empty(idx.shape, dtype=torch.float32) if ln_weight is not None else empty(wte.device)
+    return e, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("stableblocks::fused_embedding_bwd", mutates_args=())
+def fused_embedding_bwd(
+    de: torch.Tensor, idx: torch.Tensor, wte: torch.Tensor, wpe: Optional[torch.Tensor],
+    ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d wte, d wpe, d ln_weight, d ln_bias); each empty where that tensor is absent.
+
+    Deterministic (sorted segment sums, no atomics) when torch's deterministic mode is on."""
+    check_runnable(wte)
+    batch, seq_len = idx.shape
+    n_rows, width = batch * seq_len, wte.shape[1]
+    dev = wte.device
+    de2, wte2 = rows(de), rows(wte)
+    wpe2 = rows(wpe) if wpe is not None else wte2
+    has_wpe, has_ln = wpe is not None, ln_weight is not None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    block_m, block_n, num_warps = tile(width, backward=True)
+    pos_tiles = triton.cdiv(seq_len, block_m)
+    # Batch slices give the grid enough programs when sequences are short. Deterministic mode
+    # keeps one fp32 (seq_len, width) partial of d wpe per slice, summed below in a fixed order.
+    slices = max(1, min(batch, partial_programs(n_rows, block_m, dev) // max(pos_tiles, 1)))
+    if not has_wpe:
+        dwpe = empty(dev)
+    elif deterministic:
+        dwpe = torch.empty(slices, seq_len, width, dtype=torch.float32, device=dev)
+    else:
+        dwpe = torch.zeros(wpe.shape, dtype=torch.float32, device=dev)
+    lnw_part = (torch.empty if n_rows else torch.zeros)(pos_tiles * slices, width, dtype=torch.float32, device=dev)
+    lnb_part = torch.empty_like(lnw_part) if n_rows else torch.zeros_like(lnw_part)
+    # The atomic path accumulates in fp32; the sorted path writes each row once in wte's dtype.
+    dwte = torch.zeros(wte.shape, dtype=wte.dtype if deterministic else torch.float32, device=dev)
+    if n_rows:
+        idx = idx.contiguous()
+        lnw = ln_weight.contiguous() if has_ln else wte2
+        stats = (mean, rstd) if has_ln else (de2, de2)
+        _embedding_bwd[(pos_tiles, slices)](
+            de2, idx, wte2, wpe2, lnw, *stats, dwte, dwpe if has_wpe else de2, lnw_part, lnb_part,
+            de2.stride(0), wte2.stride(0), wpe2.stride(0), batch, seq_len, width, scale,
+            HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), ATOMIC=int(not deterministic),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launched("fused_embedding_bwd_positions" if deterministic else "fused_embedding_bwd_atomic")
+        if deterministic:
+            sorted_ids, order = torch.sort(idx.reshape(-1).long(), stable=True)
+            seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+            _embedding_bwd_sorted[(partial_programs(n_rows, 1, dev),)](
+                de2, sorted_ids, order, seg_end, wte2, wpe2, lnw, *stats, dwte,
+                de2.stride(0), wte2.stride(0), wpe2.stride(0), n_rows, seq_len, width, scale,
+                HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            launched("fused_embedding_bwd_sorted")
+    if has_wpe and deterministic:
+        partials, dwpe = dwpe, torch.zeros_like(wpe)
+        dwpe[:seq_len] = partials.sum(0)
+    return (dwte.to(wte.dtype), dwpe.to(wpe.dtype) if has_wpe else dwpe, sum_partials(lnw_part, ln_weight),
+            sum_partials(lnb_part, ln_bias))
+
+
+@fused_embedding_bwd.register_fake
+def _(de, idx, wte, wpe, ln_weight, ln_bias, mean, rstd, scale):
+    return tuple(empty(wte.device) if t is None else torch.empty_like(t) for t in (wte, wpe, ln_weight, ln_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    idx, wte, wpe, ln_weight, ln_bias, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(idx, wte, wpe, ln_weight, ln_bias, mean, rstd)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, de, _dmean, _drstd):
+    idx, wte, wpe, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    grads = fused_embedding_bwd(de, idx, wte, wpe, ln_weight, ln_bias, mean, rstd, ctx.scale)
+    return (None, *(None if t is None else g for t, g in zip((wte, wpe, ln_weight, ln_bias), grads)), None, None)
+
+
+fused_embedding_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_embedding(idx: torch.Tensor, wte: torch.Tensor, wpe: Optional[torch.Tensor] = None, *,
+                    scale: float = 1.0, ln_weight: Optional[torch.Tensor] = None,
+                    ln_bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """Arguments already validated by kernels/fused_embedding.py. -> (B, T, width)."""
+    return fused_embedding_fwd(idx, wte, wpe, ln_weight, ln_bias, scale, eps)[0]
+
+
+backend.KERNELS.add("fused_embedding")
