@@ -39,13 +39,14 @@ def fused_add_norm(
     next_bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ):
-    """Returns y, or (y, LN_next(y)) when next_weight is given."""
+    """Returns y, or (y, LN_next(y)) when next_weight is given.
+
+    x and z may differ in dtype (autocast: an fp32 residual beside a bf16 sub-layer output); y and
+    n then take the promoted dtype, as `x + LN(z)` in PyTorch would."""
     check_float("x", x)
     check_float("z", z)
     if x.shape != z.shape:
         raise ValueError(f"z: expected the shape of x {tuple(x.shape)}, got {tuple(z.shape)}")
-    if x.dtype != z.dtype:
-        raise ValueError(f"z: expected the dtype of x ({x.dtype}), got {z.dtype}")
     check_norm_params("post-norm", weight, bias, x.shape[-1])
     check_norm_params("next norm", next_weight, next_bias, x.shape[-1])
     check_same_device("x", x, z=z, weight=weight, bias=bias, next_weight=next_weight, next_bias=next_bias)

@@ -25,7 +25,7 @@ def _add_norm_fwd(
     B,  # *(width,) post-norm bias; ignored unless HAS_POST_BIAS
     NW,  # *(width,) next norm weight; ignored unless HAS_NEXT
     NB,  # *(width,) next norm bias; ignored unless HAS_NEXT_BIAS
-    Y,  # *(n_rows, width) output x + LN(z), contiguous, X's dtype
+    Y,  # *(n_rows, width) output x + LN(z), contiguous, the promoted dtype of X and Z
     N,  # *(n_rows, width) output LN_next(y), contiguous; ignored unless HAS_NEXT
     MeanZ,  # *fp32 (n_rows,) post-norm statistics
     RstdZ,  # *fp32 (n_rows,)
@@ -170,7 +170,7 @@ def fused_add_norm_fwd(
     x2, z2 = rows(x), rows(z)
     n_rows, width = x2.shape
     dev = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, z.dtype), device=dev)
     n = torch.empty_like(y) if next_weight is not None else empty(dev)
 
     def stat(present):
@@ -196,7 +196,7 @@ def _(x, z, weight, bias, next_weight, next_bias, eps):
     def stat(present):
         return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) if present else empty(x.device)
 
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, z.dtype), device=x.device)
     n = torch.empty_like(y) if next_weight is not None else empty(x.device)
     post, nxt = weight is not None, next_weight is not None
     return y, n, stat(post), stat(post), stat(nxt), stat(nxt)
@@ -217,7 +217,7 @@ def fused_add_norm_bwd(
     n_rows, width = y.numel() // y.shape[-1], y.shape[-1]
     dev = y.device
     dx = torch.empty(y.shape, dtype=y.dtype, device=dev)
-    dz = torch.empty_like(dx) if weight is not None else empty(dev)
+    dz = torch.empty(y.shape, dtype=z.dtype, device=dev) if weight is not None else empty(dev)
     block_m, block_n, num_warps = tile(width, backward=True)
     programs = partial_programs(n_rows, block_m, dev)
     # Every program writes its partial rows; with no rows nothing runs, so start from zeros then.
@@ -242,7 +242,7 @@ def fused_add_norm_bwd(
 def _(dy, dn, z, y, weight, bias, next_weight, next_bias, mean_z, rstd_z, mean_y, rstd_y):
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
     grads = [empty(y.device) if t is None else torch.empty_like(t) for t in (weight, bias, next_weight, next_bias)]
-    return dx, torch.empty_like(dx) if weight is not None else empty(y.device), *grads
+    return dx, torch.empty(y.shape, dtype=z.dtype, device=y.device) if weight is not None else empty(y.device), *grads
 
 
 def _setup_context(ctx, inputs, output):

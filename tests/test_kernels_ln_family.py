@@ -153,6 +153,22 @@ def test_fused_add_norm(triton_backend, dtype, shape, layout_x, layout_z, post, 
              noncontig_grad=layout_x == "transposed")
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("post, nxt", [(False, True), (True, True), (False, False)], ids=["add+next", "post+next", "add"])
+def test_fused_add_norm_fp32_residual_beside_half_sublayer(triton_backend, low, post, nxt):
+    """Autocast: the residual stream stays fp32 while the sub-layer's output is bf16/fp16; y and n
+    come out fp32 and each gradient in its input's dtype."""
+    d = 96
+    gen = torch.Generator().manual_seed(2)
+    tensors = dict(x=_rand((2, 7, d), torch.float32, gen=gen), z=_rand((2, 7, d), low, 4.0, 0.5, gen=gen),
+                   w=_rand(d, torch.float32, 1.0, 1.0, gen=gen) if post else None,
+                   b=_rand(d, torch.float32, gen=gen) if post else None,
+                   nw=_rand(d, torch.float32, 1.0, 1.0, gen=gen) if nxt else None,
+                   nb=_rand(d, torch.float32, gen=gen) if nxt else None)
+    launches = ["fused_add_norm_fwd"] + (["fused_add_norm_bwd"] if post or nxt else [])
+    check_op("fused_add_norm", _add_norm_call(post, nxt, "contiguous", "contiguous"), tensors, low, launches)
+
+
 def test_add_without_norms_needs_no_backward_kernel(triton_backend):
     """y = x + z: dx = dz = dy, and no kernel reads dy to say so."""
     x, z = (torch.randn(3, 5, 16, requires_grad=True) for _ in range(2))
