@@ -42,8 +42,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(op: str, x: torch.Tensor) -> bool:
-    """True when `op` should launch its Triton kernel for input `x`."""
+def use_triton(op: str, x: torch.Tensor, unsupported: str | None = None) -> bool:
+    """True when `op` should launch its Triton kernel for input `x`.
+
+    `unsupported` says why the kernel cannot take these inputs (a dtype, a width): backend
+    "triton" raises it as a ValueError, "auto" takes the reference.
+    """
     if _backend == "reference":
         return False
     if _backend == "triton":
@@ -53,8 +57,10 @@ def use_triton(op: str, x: torch.Tensor) -> bool:
             raise RuntimeError(
                 f"{op}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
             )
+        if unsupported:
+            raise ValueError(f"{unsupported} (backend 'auto' takes the reference for such inputs)")
         return True
-    return op in KERNELS and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
+    return op in KERNELS and not unsupported and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
 
 
 def load_kernels() -> None:

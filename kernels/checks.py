@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Wider rows spill registers in the LayerNorm-family backward kernels (ptxas, sm_90a, triton 3.9).
+LN_MAX_WIDTH = 4096
+
+
+def kernel_limits(name: str, t: torch.Tensor, max_width: int = LN_MAX_WIDTH) -> str | None:
+    """Why the LayerNorm-family kernels cannot take `t` (None when they can): backend "triton"
+    raises it, "auto" takes the reference instead."""
+    if t.dtype not in KERNEL_DTYPES:
+        return f"{name}: the Triton kernels take float32, bfloat16 or float16, got {t.dtype}"
+    if t.shape[-1] > max_width:
+        return f"{name}: width {t.shape[-1]} exceeds the Triton kernels' {max_width}"
+    return None
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device
+from .checks import check_float, check_norm_params, check_same_device, kernel_limits
 
 
 def reference(
@@ -50,10 +50,8 @@ def fused_add_norm(
     check_norm_params("post-norm", weight, bias, x.shape[-1])
     check_norm_params("next norm", next_weight, next_bias, x.shape[-1])
     check_same_device("x", x, z=z, weight=weight, bias=bias, next_weight=next_weight, next_bias=next_bias)
-    if use_triton("fused_add_norm", x):
+    if use_triton("fused_add_norm", x, kernel_limits("x", x) or kernel_limits("z", z)):
         from .fused_add_norm_triton import fused_add_norm as kernel
-        from .ln_common import check_kernel_input
 
-        check_kernel_input("x", x)
         return kernel(x, z, weight, bias, next_weight=next_weight, next_bias=next_bias, eps=eps)
     return reference(x, z, weight, bias, next_weight=next_weight, next_bias=next_bias, eps=eps)

@@ -207,16 +207,18 @@ def fused_add_norm_bwd(
     dy: Optional[torch.Tensor], dn: Optional[torch.Tensor], z: Optional[torch.Tensor], y: torch.Tensor,
     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], next_weight: Optional[torch.Tensor],
     next_bias: Optional[torch.Tensor], mean_z: torch.Tensor, rstd_z: torch.Tensor, mean_y: torch.Tensor,
-    rstd_y: torch.Tensor,
+    rstd_y: torch.Tensor, x_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dz, dweight, dbias, dnext_weight, dnext_bias); dz is empty without a post-norm
     (it equals dx), each weight gradient empty where that weight is absent.
 
-    z is given with a post-norm, dn with a next norm; y is the forward's output."""
+    z is given with a post-norm, dn with a next norm; y is the forward's output (or, without a
+    next norm, any tensor of its shape). dx is made in x_dtype: under autocast the residual x is
+    fp32 beside a bf16 z, and its gradient must not be rounded to bf16."""
     check_runnable(y)
     n_rows, width = y.numel() // y.shape[-1], y.shape[-1]
     dev = y.device
-    dx = torch.empty(y.shape, dtype=y.dtype, device=dev)
+    dx = torch.empty(y.shape, dtype=x_dtype, device=dev)
     dz = torch.empty(y.shape, dtype=z.dtype, device=dev) if weight is not None else empty(dev)
     block_m, block_n, num_warps = tile(width, backward=True)
     programs = partial_programs(n_rows, block_m, dev)
@@ -239,8 +241,8 @@ def fused_add_norm_bwd(
 
 
 @fused_add_norm_bwd.register_fake
-def _(dy, dn, z, y, weight, bias, next_weight, next_bias, mean_z, rstd_z, mean_y, rstd_y):
-    dx = torch.empty_like(y, memory_format=torch.contiguous_format)
+def _(dy, dn, z, y, weight, bias, next_weight, next_bias, mean_z, rstd_z, mean_y, rstd_y, x_dtype):
+    dx = torch.empty(y.shape, dtype=x_dtype, device=y.device)
     grads = [empty(y.device) if t is None else torch.empty_like(t) for t in (weight, bias, next_weight, next_bias)]
     return dx, torch.empty(y.shape, dtype=z.dtype, device=y.device) if weight is not None else empty(y.device), *grads
 
@@ -252,6 +254,7 @@ def _setup_context(ctx, inputs, output):
     # z only for the post-norm's backward, y only for the next norm's.
     ctx.save_for_backward(z if post else None, y if nxt else None, weight, bias, next_weight, next_bias, *stats)
     ctx.mark_non_differentiable(*stats)
+    ctx.x_dtype = x.dtype
 
 
 def _backward(ctx, dy, dn, *_dstats):
@@ -261,7 +264,7 @@ def _backward(ctx, dy, dn, *_dstats):
     # Without a next norm y is not needed, only a tensor of its shape: z, there with the post-norm.
     dx, dz, dw, db, dnw, dnb = fused_add_norm_bwd(
         dy, dn if next_weight is not None else None, z, y if y is not None else z, weight, bias, next_weight,
-        next_bias, *stats)
+        next_bias, *stats, ctx.x_dtype)
     return (dx, dz if weight is not None else dx, *(None if t is None else g for t, g in
                                                    ((weight, dw), (bias, db), (next_weight, dnw), (next_bias, dnb))),
             None)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device
+from .checks import check_float, check_norm_params, check_same_device, kernel_limits
 
 
 def reference(
@@ -60,10 +60,9 @@ def fused_embedding(
             raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds the {wpe.shape[0]} position embeddings")
     check_norm_params("ln", ln_weight, ln_bias, d)
     check_same_device("wte", wte, idx=idx, wpe=wpe, ln_weight=ln_weight, ln_bias=ln_bias)
-    if use_triton("fused_embedding", wte):
+    # Token ids are range-checked inside the op (see there).
+    if use_triton("fused_embedding", wte, kernel_limits("wte", wte)):
         from .fused_embedding_triton import fused_embedding as kernel
-        from .ln_common import check_kernel_input
 
-        check_kernel_input("wte", wte)  # token ids are range-checked inside the op (see there)
         return kernel(idx, wte, wpe, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)
     return reference(idx, wte, wpe, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device
+from .checks import check_float, check_norm_params, check_same_device, kernel_limits
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -21,10 +21,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError("weight: expected a tensor of shape (x.shape[-1],), got None")
     check_norm_params("layer_norm", weight, bias, x.shape[-1])
     check_same_device("x", x, weight=weight, bias=bias)
-    if use_triton("layer_norm", x):
-        from .ln_common import check_kernel_input
+    if use_triton("layer_norm", x, kernel_limits("x", x)):
         from .layer_norm_triton import layer_norm as kernel
 
-        check_kernel_input("x", x)
         return kernel(x, weight, bias, eps)
     return reference(x, weight, bias, eps)

@@ -13,9 +13,6 @@ import triton.language as tl
 
 from . import backend
 
-# Above this a row no longer fits in one tile's registers; the kernels refuse it up front.
-MAX_WIDTH = 16384
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements per tile: 16 fp32 values per thread at the warp counts below.
 _TILE_ELEMENTS = 4096
 _MAX_ROWS_PER_TILE = 16
@@ -103,15 +100,6 @@ def check_runnable(t: torch.Tensor) -> None:
     """Triton on CPU tensors exists only in the interpreter: say so rather than crash in Triton."""
     if t.device.type == "cpu" and not backend.interpreting():
         raise RuntimeError("stableblocks Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-
-
-def check_kernel_input(name: str, t: torch.Tensor) -> None:
-    """The kernels' own limits, checked by the public functions before dispatching to them."""
-    if t.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{name}: the Triton kernel takes float32, bfloat16 or float16, got {t.dtype} "
-                         "(use the 'reference' backend for float64)")
-    if t.shape[-1] > MAX_WIDTH:
-        raise ValueError(f"{name}: width {t.shape[-1]} exceeds the Triton kernel's {MAX_WIDTH}")
 
 
 def empty(device: torch.device) -> torch.Tensor:

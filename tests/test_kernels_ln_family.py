@@ -75,12 +75,12 @@ def check_op(op, call, tensors, dtype, launches, noncontig_grad=False, seed=0):
     oracle_outs, oracle_grads = _run(module.reference, call, as64, grads_for)
     for i, (k, s, o) in enumerate(zip(kernel_outs, same_outs, oracle_outs)):
         assert k.dtype == s.dtype and k.shape == s.shape, (i, k.dtype, s.dtype)
-        assert_within_tolerance(k, s, o, dtype, "forward", f"{op} output {i}")
+        assert_within_tolerance(k, s, o, k.dtype, "forward", f"{op} output {i}")
     assert kernel_grads.keys() == same_grads.keys()
     for name in kernel_grads:
         k, s, o = kernel_grads[name], same_grads[name], oracle_grads[name]
         assert k.dtype == tensors[name].dtype and k.shape == tensors[name].shape, name
-        assert_within_tolerance(k, s, o, dtype, "grad", f"{op} d{name}")
+        assert_within_tolerance(k, s, o, k.dtype, "grad", f"{op} d{name}")
 
 
 def _rand(shape, dtype, scale=1.0, shift=0.0, gen=None):
@@ -154,7 +154,8 @@ def test_fused_add_norm(triton_backend, dtype, shape, layout_x, layout_z, post, 
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("post, nxt", [(False, True), (True, True), (False, False)], ids=["add+next", "post+next", "add"])
+@pytest.mark.parametrize("post, nxt", [(False, True), (True, True), (True, False), (False, False)],
+                         ids=["add+next", "post+next", "post", "add"])
 def test_fused_add_norm_fp32_residual_beside_half_sublayer(triton_backend, low, post, nxt):
     """Autocast: the residual stream stays fp32 while the sub-layer's output is bf16/fp16; y and n
     come out fp32 and each gradient in its input's dtype."""
@@ -167,6 +168,12 @@ def test_fused_add_norm_fp32_residual_beside_half_sublayer(triton_backend, low, 
                    nb=_rand(d, torch.float32, gen=gen) if nxt else None)
     launches = ["fused_add_norm_fwd"] + (["fused_add_norm_bwd"] if post or nxt else [])
     check_op("fused_add_norm", _add_norm_call(post, nxt, "contiguous", "contiguous"), tensors, low, launches)
+    if not nxt:  # y = x + f(z): the residual's gradient is dy itself, not rounded to z's dtype
+        x = tensors["x"].clone().requires_grad_(True)
+        y = fused_add_norm(x, tensors["z"], tensors["w"], tensors["b"])
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        assert x.grad.dtype == torch.float32 and torch.equal(x.grad, dy)
 
 
 def test_add_without_norms_needs_no_backward_kernel(triton_backend):
@@ -348,13 +355,13 @@ def _ids(*rows):
     (lambda: fused_embedding(_ids([-1, 2]), torch.randn(5, 8)), r"idx: token ids must lie"),
     (lambda: fused_embedding(_ids([0, 1]), torch.randn(5, 8), torch.randn(4, 8).double()), "wpe: expected the dtype"),
     (lambda: fused_embedding(_ids([0, 1]), torch.randn(5, 8), torch.randn(4, 9)), r"wpe: expected shape \(block_size, 8"),
-    (lambda: fused_embedding(_ids([0, 1]), torch.randn(5, 8).double()), "wte: the Triton kernel takes float32"),
-    (lambda: layer_norm(torch.randn(2, 8).double(), torch.ones(8)), "x: the Triton kernel takes float32"),
+    (lambda: fused_embedding(_ids([0, 1]), torch.randn(5, 8).double()), "wte: the Triton kernels take float32"),
+    (lambda: layer_norm(torch.randn(2, 8).double(), torch.ones(8)), "x: the Triton kernels take float32"),
+    (lambda: fused_add_norm(torch.randn(2, 8), torch.randn(2, 8).double()), "z: the Triton kernels take float32"),
     (lambda: layer_norm(torch.randn(2, 8), torch.ones(7)), r"layer_norm weight: expected shape \(8,\)"),
     (lambda: layer_norm(torch.randn(2, 8), torch.ones(8, device="meta")), "weight: expected a tensor on cpu"),
-    (lambda: layer_norm(torch.randn(1, 16385), torch.ones(16385)), "x: width 16385 exceeds"),
+    (lambda: layer_norm(torch.randn(1, 4097), torch.ones(4097)), "x: width 4097 exceeds"),
     (lambda: fused_add_norm(torch.randn(2, 8), torch.randn(2, 7)), "z: expected the shape of x"),
-    (lambda: fused_add_norm(torch.randn(2, 8), torch.randn(2, 8).half()), "z: expected the dtype of x"),
     (lambda: fused_add_norm(torch.randn(2, 8), torch.randn(2, 8), None, torch.ones(8)), "a bias was given without"),
 ])
 def test_bad_input_is_a_value_error_before_launch(triton_backend, make, match):
@@ -450,3 +457,17 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
     assert not spilled, spilled
     for s in stats:
         assert 0 < s.registers <= 255 and s.occupancy > 0
+
+
+def test_auto_takes_the_reference_for_inputs_the_kernels_do_not_take():
+    """float64, and rows wider than the kernels' registers hold: "triton" raises (above), "auto"
+    quietly computes them with the reference."""
+    sb.set_backend("auto")
+    before = Counter(backend.LAUNCHES)
+    x64 = torch.randn(2, 8, dtype=torch.float64)
+    assert layer_norm(x64, torch.ones(8, dtype=torch.float64)).dtype == torch.float64
+    wide = torch.randn(2, 4097)
+    torch.testing.assert_close(layer_norm(wide, torch.ones(4097)), F.layer_norm(wide, (4097,)))
+    y = fused_add_norm(torch.randn(2, 8), x64.clone())
+    assert y.dtype == torch.float64
+    assert backend.LAUNCHES == before
