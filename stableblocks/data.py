@@ -77,7 +77,7 @@ class TokenStream:
         All processes draw the same starts from the same generator and read only their `rows`,
         so a run's global batch does not depend on the number of processes.
         """
-        room = np.array([max(0, s.length - seq_len - 1) for s in self.shards])
+        room = np.array([max(0, s.length - seq_len) for s in self.shards])  # starts whose window fits
         if room.sum() == 0:
             raise ValueError(f"seq_len: {seq_len} does not fit in the data (longest shard has {max(s.length for s in self.shards)} tokens)")
         flat = torch.randint(int(room.sum()), (batch_size,), generator=generator).numpy()

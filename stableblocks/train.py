@@ -164,7 +164,10 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
 
         values = tomllib.loads(path.read_text())
     elif path.suffix == ".json":
@@ -491,9 +494,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         tripped = [name for name, value in (("loss", loss_value), ("grad_norm", grad_norm)) if detectors[name].update(value)]
         if tripped:
             row["spike_on"] = tripped
-        spike = any(name in watched for name in tripped) or not math.isfinite(loss_value)
-        nonfinite_run = 0 if math.isfinite(loss_value) else nonfinite_run + 1
-        if not math.isfinite(loss_value) and (cfg.spike.guard == "off" or nonfinite_run >= 10):
+        # A non-finite gradient poisons the weights even when the loss was finite.
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        spike = any(name in watched for name in tripped) or not finite
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+        if not finite and (cfg.spike.guard == "off" or nonfinite_run >= 10):
             diverged = True
         if spike:
             stats["spike_steps"].append(step)

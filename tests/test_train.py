@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -171,6 +172,26 @@ def test_spike_guard_skips_the_update(tmp_path, cache_dir, monkeypatch):
     assert rows(tmp_path)[30].get("skipped") is True and "loss" in rows(tmp_path)[30]["spike_on"]
     opt_state = checkpoint.load(tmp_path / "ckpt.pt")["optimizer"]["state"]
     assert {int(s["step"]) for s in opt_state.values()} == {35}  # 36 steps, one update skipped
+
+
+def test_spike_guard_skips_a_nonfinite_gradient_under_a_finite_loss(tmp_path, cache_dir, monkeypatch):
+    """The default watches the loss; a NaN gradient with a finite loss must not reach the weights."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            params[0].grad.fill_(float("nan"))
+        return real(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    summary = run(tiny(tmp_path, cache_dir, steps=8, eval_interval=0, ckpt_interval=8, spike=SpikeConfig(guard="skip")))
+    assert summary["skipped_steps"] == [3] and not summary["diverged"]
+    assert math.isfinite(summary["final_loss"])
+    weights = checkpoint.load(tmp_path / "ckpt.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 @pytest.mark.slow
