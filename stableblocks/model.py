@@ -13,6 +13,26 @@ from .init import init_weights
 from .modules import LayerNorm, StableBlock, StableEmbedding, StableLinear
 
 
+def param_groups(model: nn.Module, embeddings, embed_weight_decay: bool, weight_decay: float,
+                 gate_weight_decay: float = 0.0) -> list[dict]:
+    """AdamW groups: decay on weight matrices only, not on biases or norms, nor on the embeddings
+    unless embed_weight_decay (a tied LM head counts as the token embedding). WeSaR gates get a
+    group of their own ("wesar_gates": no decay by default) so their lr and decay can be set."""
+    embedding_ids = {id(p) for p in embeddings}
+    groups = {"decay": [], "no_decay": [], "wesar_gates": []}
+    for name, p in model.named_parameters():  # tied weights are listed once
+        if not p.requires_grad:
+            continue
+        if name.endswith(".gate"):
+            groups["wesar_gates"].append(p)
+        elif p.dim() >= 2 and (id(p) not in embedding_ids or embed_weight_decay):
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    decays = {"decay": weight_decay, "no_decay": 0.0, "wesar_gates": gate_weight_decay}
+    return [{"name": k, "params": v, "weight_decay": decays[k]} for k, v in groups.items() if v or k != "wesar_gates"]
+
+
 class StableGPT(nn.Module):
     def __init__(self, config: StableConfig):
         super().__init__()
@@ -89,23 +109,9 @@ class StableGPT(nn.Module):
             loss = loss + self.config.z_loss * (log_z.pow(2) * counted).sum() / counted.sum()
         return loss
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay on weight matrices only: not on biases, norms, WeSaR gates, or the embeddings
-        (unless config.embed_weight_decay; a tied LM head counts as the token embedding)."""
-        embeddings = {id(self.embed.wte.weight), id(self.embed.wpe.weight)}
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():  # tied weights are listed once
-            if not p.requires_grad:
-                continue
-            is_embedding = id(p) in embeddings
-            if p.dim() >= 2 and (not is_embedding or self.config.embed_weight_decay):
-                decay.append(p)
-            else:
-                no_decay.append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+    def param_groups(self, weight_decay: float, gate_weight_decay: float = 0.0) -> list[dict]:
+        embeddings = (self.embed.wte.weight, self.embed.wpe.weight)
+        return param_groups(self, embeddings, self.config.embed_weight_decay, weight_decay, gate_weight_decay)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps: float = 1e-8):
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and next(self.parameters()).is_cuda

@@ -107,9 +107,9 @@ def test_wesar_init():
     assert model.lm_head.weight is not model.embed.wte.weight
     assert _std(model.embed.wte.weight) == pytest.approx(sigma, rel=0.02)
     # Gates, norms, biases and embeddings are not decayed.
-    decay, no_decay = model.param_groups(0.1)
-    gates = {id(m.gate) for m, _ in layers}
-    assert gates <= {id(p) for p in no_decay["params"]}
+    decay, no_decay, gate_group = model.param_groups(0.1, gate_weight_decay=0.01)
+    assert gate_group["name"] == "wesar_gates" and gate_group["weight_decay"] == 0.01
+    assert {id(m.gate) for m, _ in layers} == {id(p) for p in gate_group["params"]}
     assert id(model.embed.wte.weight) in {id(p) for p in no_decay["params"]}
     assert id(model.lm_head.weight) in {id(p) for p in decay["params"]}
 

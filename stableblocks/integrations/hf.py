@@ -278,14 +278,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     norms or WeSaR gates; embeddings only when the recipe decays them). HF Trainer's default groups
     only spare nn.LayerNorm and names with "bias"/"norm", so pass these:
     `Trainer(..., optimizers=(torch.optim.AdamW(param_groups(model, 0.1), lr=...), None))`."""
+    from ..model import param_groups as groups
+
     cfg, body = _patched_config(model), _body(model)
-    embeddings = {id(body.wte.weight), id(body.wpe.weight)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            is_matrix = p.dim() >= 2 and (id(p) not in embeddings or cfg.embed_weight_decay)
-            (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups(model, (body.wte.weight, body.wpe.weight), cfg.embed_weight_decay, weight_decay)
 
 
 def _read_state_dict(path: str) -> dict:
