@@ -101,7 +101,7 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
 
     `model` is what the trainer calls (a plain or FSDP2 StableGPT; under DDP its inner module).
     """
-    out: dict = {"attn_logit_max": [], "qkv_norm": [], "proj_norm": [], "fc2_norm": []}
+    out: dict = {"attn_logit_max": [], "qkv_out_norm": [], "proj_out_norm": [], "fc2_out_norm": []}
 
     def on_embedding(m, args, y):
         w = m.wte.weight.float()
@@ -115,7 +115,7 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
         T = s.shape[-1]
         future = torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1)
         out["attn_logit_max"].append(s.abs().masked_fill(future, 0.0).amax().item())
-        out["qkv_norm"].append(torch.cat([q, k, v], dim=-1).float().flatten(2).norm(dim=-1).mean().item())
+        out["qkv_out_norm"].append(torch.cat([q, k, v], dim=-1).float().flatten(2).norm(dim=-1).mean().item())
 
     def record(key):
         return lambda m, args, y: out[key].append(_token_norm(y))
@@ -126,9 +126,9 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
             hooks.append(m.register_forward_hook(on_embedding))
         elif isinstance(m, StableAttention):
             hooks.append(m.register_forward_hook(on_attention))
-            hooks.append(m.c_proj.register_forward_hook(record("proj_norm")))
+            hooks.append(m.c_proj.register_forward_hook(record("proj_out_norm")))
     for block in getattr(model, "blocks", []):
-        hooks.append(block.mlp.c_proj.register_forward_hook(record("fc2_norm")))
+        hooks.append(block.mlp.c_proj.register_forward_hook(record("fc2_out_norm")))
     was_training = model.training
     model.eval()
     try:

@@ -91,7 +91,7 @@ def plot_runs(run_dirs, out_dir: str | Path | None = None) -> list[Path]:
     paths.append(figure("attn_logit", [("max |attention logit|, block 0", "attn_logit_max", lambda v: v[0], True),
                                        ("max |attention logit|, all blocks", "attn_logit_max", max, True)]))
     paths.append(figure("output_norms", [(f"{name} output L2 norm (max over blocks)", key, max, True)
-                                         for name, key in (("QKV", "qkv_norm"), ("Proj", "proj_norm"), ("FC2", "fc2_norm"))]))
+                                         for name, key in (("QKV", "qkv_out_norm"), ("Proj", "proj_out_norm"), ("FC2", "fc2_out_norm"))]))
     return paths
 
 

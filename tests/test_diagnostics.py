@@ -81,7 +81,7 @@ def test_probe_reads_the_raw_logit_before_the_cap():
         fc2.append(m.norm(dim=-1).mean().item())
         x = h + m
     assert min(got["attn_logit_max"]) > 5.0  # above the cap: read before it
-    for key, want in (("attn_logit_max", expected), ("qkv_norm", qkv), ("proj_norm", proj), ("fc2_norm", fc2)):
+    for key, want in (("attn_logit_max", expected), ("qkv_out_norm", qkv), ("proj_out_norm", proj), ("fc2_out_norm", fc2)):
         assert got[key] == pytest.approx(want, rel=1e-5), key
     logits = model(idx)[0]
     assert got["log_z"] == pytest.approx(torch.logsumexp(logits, -1).mean().item(), rel=1e-5)
@@ -121,7 +121,7 @@ def test_diagnostics_are_logged_finite_and_do_not_change_training(tmp_path, cach
     for r in a:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tev_mean", "tev_std", "logit_mean", "log_z"):
             assert math.isfinite(r[key]), key
-        for key in ("attn_logit_max", "qkv_norm", "proj_norm", "fc2_norm"):
+        for key in ("attn_logit_max", "qkv_out_norm", "proj_out_norm", "fc2_out_norm"):
             assert len(r[key]) == 2 and all(math.isfinite(v) and v > 0 for v in r[key]), key
         assert set(r["grad_norm_layers"]) == {"embed", "block0", "block1", "head"}
         assert len(r["update_ratio"]) == 10 and all(0 < v < 1 for v in r["update_ratio"].values())
