@@ -463,8 +463,8 @@ def _attn_bwd_dq(
 def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
     """Fixed tile shapes, warps and stages per kernel for a GPU of compute capability `arch` (80 for
     sm_80, 90 for sm_90a), or for the interpreter when `arch` is None. No autotuning: deterministic,
-    and what tests/test_kernels_fused_attention.py compiles ahead of time (0 spill bytes for bf16
-    and fp16 on sm_80 and sm_90a, with every option on and with none).
+    and what tests/test_kernels_fused_attention.py compiles ahead of time (bf16 on sm_80 and sm_90a,
+    with every option on and with none: 0 spill bytes, tensor-core matmuls; fp16 compiles the same).
 
     Under the interpreter every tile is 16 rows: the tests' short sequences then cross several tile
     boundaries, and the numpy programs stay small.
@@ -475,7 +475,8 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
     wide = D == 128
     if dtype == torch.float32:
         # IEEE fp32 matmuls run on the FMA units with whole operand rows in registers: the smallest
-        # tiles. Spill-free up to D = 32; larger D spills (see README: fp32 is the exact path).
+        # tiles still spill (up to ~24 bytes for D <= 64, ~1 KB at D = 128). fp32 is the exact
+        # path, not the fast one (README).
         fwd = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
         dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
