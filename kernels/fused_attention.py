@@ -93,7 +93,14 @@ def fused_attention(
             norms[f"{name}_weight"], norms[f"{name}_bias"] = p
     check_same_device("q", q, k=k, v=v, **norms)
     if use_triton("fused_attention", q):
+        from .fused_attention_triton import DTYPES, HEAD_DIMS
         from .fused_attention_triton import fused_attention as kernel
 
+        if D not in HEAD_DIMS:
+            raise ValueError(f"q: head width D={D} is not supported by the Triton kernel; supported head widths: "
+                             f"{', '.join(map(str, HEAD_DIMS))} (the reference backend takes any D)")
+        if q.dtype not in DTYPES:
+            raise ValueError(f"q: dtype {q.dtype} is not supported by the Triton kernel; expected float32, "
+                             "bfloat16 or float16 (the reference backend takes float64)")
         return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
     return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)

@@ -1,0 +1,708 @@
+"""Triton kernels for causal (or full) attention with fused per-head QK-norm / QKV-norm and soft-cap.
+
+FlashAttention-2's algorithm with three additions inside the tiles:
+- LayerNorm over D (fp32 statistics, one (D,) weight and bias shared by all heads) of the Q tile
+  once per program, and of each K (and V, for QKV-norm) tile as it is loaded;
+- the soft-cap `cap * tanh(s / cap)` on the scaled logits, before the causal mask;
+- in backward, the cap's derivative `1 - t^2` (t recomputed) and the LayerNorm backward to the raw
+  q, k, v, with the weight/bias gradients as fp32 partial sums per program summed in a fixed order.
+
+Forward saves only q, k, v (raw, pre-norm), o (in fp32) and one fp32 log-sum-exp per row: O(T)
+memory.
+
+Layering: kernels -> launchers (block sizes, grid) -> torch.library ops with autograd -> the
+public `fused_attention`, which kernels/fused_attention.py calls after validating its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backend
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile helpers
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 to a few ulp, from exp2 (Triton has no tanh the interpreter can run too).
+
+    (1 - e^-2|x|) / (1 + e^-2|x|) cancels near 0, where the cap is mostly used (|s| << cap), so
+    small |x| takes the odd Taylor series instead (its first dropped term is < 1e-9 there).
+    """
+    ax = tl.abs(x)
+    e = tl.exp2(-2.8853900817779268 * ax)  # e^(-2|x|)
+    far = (1.0 - e) / (1.0 + e)
+    xs = tl.minimum(ax, 0.3)
+    x2 = xs * xs
+    near = xs * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    t = tl.where(ax < 0.3, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits(qk, scale, softcap, SOFTCAP: tl.constexpr):
+    """Scores in log2 units (for exp2) from q.k, and t = tanh(scale q.k / cap) when capped."""
+    if SOFTCAP:
+        t = _tanh(qk * (scale / softcap))
+        return t * (softcap * 1.4426950408889634), t
+    else:
+        return qk * (scale * 1.4426950408889634), qk
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
+    """a @ b (+ acc) accumulated in fp32; fp32 operands multiply in IEEE fp32, not TF32.
+
+    DOT_UPCAST (interpreter only): Triton's interpreter multiplies bf16 tiles as their raw uint16
+    bits (triton-lang/triton#11584), so bf16 operands go in as exact fp32 copies: the same products
+    and fp32 accumulation a GPU's bf16 MMA computes.
+    """
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
+    """LayerNorm over the rows of an fp32 (rows, D) tile when NORM, else the tile itself.
+
+    D is a power of two, so no padded lanes enter the mean or variance.
+    """
+    if NORM:
+        mean = tl.sum(x, axis=1) / D
+        xc = x - mean[:, None]
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        w = tl.load(W + offs_d).to(tl.float32)
+        b = tl.load(B + offs_d).to(tl.float32)
+        return xc * rstd[:, None] * w[None, :] + b[None, :]
+    else:
+        return x
+
+
+@triton.jit
+def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, eps, D: tl.constexpr):
+    """LayerNorm backward for fp32 (rows, D) tiles: returns dx, and stores this tile's fp32 partial
+    sums of dweight and dbias at row `row` of DNORM ((2, n_rows, D): dweight rows, then dbias rows).
+
+    Rows outside the sequence must come in with dy = 0 so they add nothing to the partial sums.
+    """
+    mean = tl.sum(x, axis=1) / D
+    xc = x - mean[:, None]
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    xhat = xc * rstd[:, None]
+    wdy = dy * tl.load(W + offs_d).to(tl.float32)[None, :]
+    c1 = tl.sum(xhat * wdy, axis=1) / D
+    c2 = tl.sum(wdy, axis=1) / D
+    row = row.to(tl.int64)
+    tl.store(DNORM + row * D + offs_d, tl.sum(dy * xhat, axis=0))
+    tl.store(DNORM + (n_rows + row) * D + offs_d, tl.sum(dy, axis=0))
+    return (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _attn_fwd_tiles(
+    acc, l_i, m_i,  # running output (fp32), softmax denominator and row max (log2 units)
+    q,  # (BLOCK_M, D) normalised Q tile in the input dtype
+    K, V,  # K and V at this (batch, head)
+    KW, KB, VW, VB,  # (D,) norm weight/bias of k and v
+    stride_kt, stride_vt,  # row (time) strides of k and v
+    offs_m, offs_d,  # query row indices, head-width lanes
+    lo, hi,  # key range of this call, lo a multiple of BLOCK_N
+    T, scale, softcap, eps,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    MASKED: tl.constexpr,  # 1 for tiles crossing the diagonal or the end of the sequence
+    DOT_UPCAST: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_seq = offs_n < T
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        qk = _dot(q, tl.trans(k), None, DOT_UPCAST)
+        s, _ = _logits(qk, scale, softcap, SOFTCAP)
+        if MASKED:
+            visible = key_in_seq[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # (B, T, H, D) raw inputs, last dimension contiguous
+    QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
+    O,  # (B, T, H, D) output
+    O32,  # (B, T, H, D) fp32 output, unrounded, for the backward (strides of O)
+    LSE,  # (B, H, T) fp32: log2 of each row's softmax denominator, for the backward
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, H,  # sequence length, heads
+    scale, softcap, eps,  # logit scale, soft-cap (unused unless SOFTCAP), LayerNorm eps
+    D: tl.constexpr,  # head width: 16, 32, 64 or 128
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
+):
+    # One program per (batch * head, query block) on a 1-D grid: no 65535 limit on B * H.
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    start_m = (pid % n_blocks) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_in_seq = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_in_seq[:, None], other=0.0)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # Key tiles before `full_end` are visible to every row of this block and inside the sequence;
+    # the rest (the diagonal, the sequence's end) are masked.
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, T)
+        full_end = (tl.minimum(start_m + 1, T) // BLOCK_N) * BLOCK_N
+    else:
+        hi = T
+        full_end = (T // BLOCK_N) * BLOCK_N
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                    offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                    offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+    o = acc / l_i[:, None]
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=row_in_seq[:, None])
+    tl.store(O32 + o_offs, o, mask=row_in_seq[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_in_seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _attn_bwd_dkdv_tiles(
+    dk, dv,  # (BLOCK_N, D) fp32 accumulators for the normalised k and v
+    k, v,  # (BLOCK_N, D) normalised K and V tiles in the input dtype
+    Q, DO, LSE, DELTA,  # q, do at this (batch, head); LSE and DELTA at this row of (B * H, T)
+    QW, QB,  # (D,) norm weight/bias of q
+    stride_qt, stride_dot,
+    offs_n, offs_d,  # key row indices, head-width lanes
+    lo, hi,  # query range of this call, lo a multiple of BLOCK_M
+    T, scale, softcap, eps,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, Q_NORM: tl.constexpr,
+    MASKED: tl.constexpr,  # 1 for tiles crossing the diagonal, or keys past the end of the sequence
+    DOT_UPCAST: tl.constexpr,
+):
+    key_in_seq = offs_n < T
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in_seq = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
+        q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(k.dtype)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
+        delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
+        # Transposed scores (keys x queries), so dk and dv accumulate row by row.
+        s, t = _logits(_dot(k, tl.trans(q), None, DOT_UPCAST), scale, softcap, SOFTCAP)
+        p = tl.exp2(s - lse[None, :])
+        if MASKED:
+            visible = key_in_seq[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :])
+            p = tl.where(visible, p, 0.0)
+        dv = _dot(p.to(do.dtype), do, dv, DOT_UPCAST)
+        dp = _dot(v, tl.trans(do), None, DOT_UPCAST)
+        ds = p * (dp - delta[None, :])  # gradient of the capped logits
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # through cap * tanh(s / cap)
+        dk = _dot(ds.to(q.dtype), q, dk, DOT_UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO,  # (B, T, H, D) raw inputs and the output's gradient, last dimension contiguous
+    LSE, DELTA,  # (B, H, T) fp32 from the forward and from _attn_bwd_dq
+    QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
+    DK, DV,  # (B, T, H, D) gradients of the raw k and v
+    DNORM_K, DNORM_V,  # (2, programs, D) fp32 partial sums of k's and v's dweight, dbias
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_gb, stride_gt, stride_gh,  # strides of DK and DV (both contiguous)
+    T, H,
+    scale, softcap, eps,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per tile, keys per program
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
+):
+    # One program per (batch * head, key block), looping over the query blocks that see it.
+    n_blocks = tl.cdiv(T, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    start_n = (pid % n_blocks) * BLOCK_N
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    key_in_seq = offs_n < T
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0)
+    k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(K.dtype.element_ty)
+    v = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0)
+    v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(V.dtype.element_ty)
+
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+    # Query blocks from `mid` on see every key of this block; those before it (the diagonal) are
+    # masked, and so is everything for a key block that runs past the end of the sequence. Query
+    # rows past the end need no mask: they load lse = +inf and do = 0, so they add exactly 0.
+    t_pad = tl.cdiv(T, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, t_pad)
+    else:
+        lo = 0
+        mid = 0
+    if start_n + BLOCK_N <= T:
+        full_end = t_pad
+    else:
+        full_end = mid
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, lo, mid, T, scale, softcap, eps,
+                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, mid, full_end, T, scale, softcap, eps,
+                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 0, DOT_UPCAST)
+    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, full_end, t_pad, T, scale, softcap, eps,
+                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+    dk = tl.where(key_in_seq[:, None], dk * scale, 0.0)
+    dv = tl.where(key_in_seq[:, None], dv, 0.0)
+    if K_NORM:
+        k_raw = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
+        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, eps, D)
+    if V_NORM:
+        v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
+        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, eps, D)
+    g_offs = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None])
+    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_tiles(
+    dq,  # (BLOCK_M, D) fp32 accumulator for the normalised q
+    q, do,  # (BLOCK_M, D) normalised Q tile and its rows of do, in the input dtype
+    lse, delta,  # (BLOCK_M,) fp32 rows of LSE and DELTA
+    K, V,  # K and V at this (batch, head)
+    KW, KB, VW, VB,
+    stride_kt, stride_vt,
+    offs_m, offs_d,
+    lo, hi,  # key range of this call, lo a multiple of BLOCK_N
+    T, scale, softcap, eps,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_seq = offs_n < T
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = key_in_seq[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(q.dtype), k, dq, DOT_UPCAST)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO,  # (B, T, H, D) raw inputs and the output's gradient, last dimension contiguous
+    O32,  # (B, T, H, D) fp32 output from the forward
+    LSE,  # (B, H, T) fp32 from the forward
+    DELTA,  # (B, H, T) fp32 out: rowsum(o * do), the softmax backward's per-row term, for _attn_bwd_dkdv
+    QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
+    DQ,  # (B, T, H, D) gradient of the raw q
+    DNORM_Q,  # (2, programs, D) fp32 partial sums of q's dweight, dbias
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_gb, stride_gt, stride_gh,  # strides of DQ (contiguous)
+    T, H,
+    scale, softcap, eps,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
+):
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    start_m = (pid % n_blocks) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_in_seq = offs_m < T
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_in_seq[:, None], other=0.0)
+    # delta from the unrounded o: for a near one-hot row, dp - delta must cancel as exactly as
+    # PyTorch's softmax backward does; o rounded to bf16 leaves a residue the norm weights amplify.
+    o = tl.load(O32 + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_in_seq[:, None], other=0.0)
+    delta = tl.sum(o * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_in_seq)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
+
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, T)
+        full_end = (tl.minimum(start_m + 1, T) // BLOCK_N) * BLOCK_N
+    else:
+        hi = T
+        full_end = (T // BLOCK_N) * BLOCK_N
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dq = _attn_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                            offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
+    dq = _attn_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                            offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+    dq = tl.where(row_in_seq[:, None], dq * scale, 0.0)
+    if Q_NORM:
+        q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0).to(tl.float32)
+        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, eps, D)
+    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """Fixed tile shapes, warps and stages per kernel for a GPU of compute capability `arch` (80 for
+    sm_80, 90 for sm_90a), or for the interpreter when `arch` is None. No autotuning: deterministic,
+    and what tests/test_kernels_fused_attention.py compiles ahead of time (bf16 on sm_80 and sm_90a,
+    with every option on and with none: 0 spill bytes, tensor-core matmuls; fp16 compiles the same).
+
+    Under the interpreter every tile is 16 rows: the tests' short sequences then cross several tile
+    boundaries, and the numpy programs stay small.
+    """
+    if arch is None:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
+    wide = D == 128
+    if dtype == torch.float32:
+        # IEEE fp32 matmuls run on the FMA units with whole operand rows in registers: the smallest
+        # tiles still spill (up to ~24 bytes for D <= 64, ~1 KB at D = 128). fp32 is the exact
+        # path, not the fast one (README).
+        fwd = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    else:
+        fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=1 if wide else 2)
+        if wide:
+            hopper = arch >= 90
+            dkdv = dict(BLOCK_M=16, BLOCK_N=64 if hopper else 32, num_warps=8 if hopper else 4, num_stages=1)
+        else:
+            dkdv = dict(BLOCK_M=32, BLOCK_N=64 if D <= 32 else 32, num_warps=4, num_stages=1)
+        dq = dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+
+
+def _blocks(q: torch.Tensor) -> dict:
+    if not q.is_cuda:
+        return block_sizes(q.shape[-1], q.dtype, None)
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return block_sizes(q.shape[-1], q.dtype, 10 * major + minor)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Any strides over B, T and H are read in place; only a strided head dimension is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhts(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _norm_args(weight, bias, like: torch.Tensor):
+    """(weight, bias) for the kernel: a missing bias reads as zeros, a missing norm as a dummy."""
+    if weight is None:
+        return like, like
+    return weight, bias if bias is not None else torch.zeros_like(weight)
+
+
+def _flags(q, causal, softcap, q_weight, k_weight, v_weight) -> dict:
+    return dict(CAUSAL=int(causal), SOFTCAP=int(softcap is not None), Q_NORM=int(q_weight is not None),
+                K_NORM=int(k_weight is not None), V_NORM=int(v_weight is not None),
+                DOT_UPCAST=int(q.dtype == torch.bfloat16 and not q.is_cuda))
+
+
+def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+    B, T, H, D = q.shape
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    o32 = torch.empty((B, T, H, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, o32, lse
+    cfg = dict(_blocks(q)["fwd"])
+    grid = (B * H * triton.cdiv(T, cfg["BLOCK_M"]),)
+    _attn_fwd[grid](
+        q, k, v,
+        *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
+        o, o32, lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
+        float(scale), float(softcap or 1.0), float(eps),
+        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), **cfg,
+    )
+    backend.LAUNCHES["_attn_fwd"] += 1
+    return o, o32, lse
+
+
+def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+    B, T, H, D = q.shape
+    q, k, v, do = (_rows_contiguous(t) for t in (q, k, v, do))
+    dq, dk, dv = (torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dnorm = torch.zeros((6, D), dtype=torch.float32, device=q.device)  # dw, db of q, k, v
+    if dq.numel() == 0:
+        return dq, dk, dv, dnorm
+    blocks = _blocks(q)
+    flags = _flags(q, causal, softcap, q_weight, k_weight, v_weight)
+    norms = (*_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q))
+    scalars = (T, H, float(scale), float(softcap or 1.0), float(eps))
+
+    # dq first: it also writes delta = rowsum(o * do), which dkdv reads.
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    cfg = dict(blocks["dq"])
+    n_prog = B * H * triton.cdiv(T, cfg["BLOCK_M"])
+    # Every program writes its row of a partial-sum buffer, so torch.empty is safe.
+    part_q = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if q_weight is not None else lse
+    _attn_bwd_dq[(n_prog,)](
+        q, k, v, do, o32, lse, delta, *norms, dq, part_q,
+        *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o32), *_bhts(do), *_bhts(dq), *scalars, D=D, **flags, **cfg)
+    backend.LAUNCHES["_attn_bwd_dq"] += 1
+
+    cfg = dict(blocks["dkdv"])
+    n_prog = B * H * triton.cdiv(T, cfg["BLOCK_N"])
+    part_k = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if k_weight is not None else lse
+    part_v = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if v_weight is not None else lse
+    _attn_bwd_dkdv[(n_prog,)](
+        q, k, v, do, lse, delta, *norms, dk, dv, part_k, part_v,
+        *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(do), *_bhts(dk), *scalars, D=D, **flags, **cfg)
+    backend.LAUNCHES["_attn_bwd_dkdv"] += 1
+
+    # Partial sums reduced in a fixed order: deterministic weight/bias gradients.
+    for i, (weight, part) in enumerate(((q_weight, part_q), (k_weight, part_k), (v_weight, part_v))):
+        if weight is not None:
+            dnorm[2 * i: 2 * i + 2] = part.sum(dim=1)
+    return dq, dk, dv, dnorm
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile) and autograd
+
+
+@torch.library.custom_op("stableblocks::fused_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
+    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
+    causal: bool, softcap: float | None, scale: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, o32, lse): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32 in log2 units."""
+    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps)
+
+
+@_attention_op.register_fake
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("stableblocks::fused_attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o32: torch.Tensor, lse: torch.Tensor,
+    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
+    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
+    causal: bool, softcap: float | None, scale: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dnorm): dnorm (6, D) fp32 holds dweight, dbias of q's, k's and v's norms."""
+    return _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                     causal, softcap, scale, eps)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+    B, T, H, D = q.shape
+    shape = (B, T, H, D)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape), q.new_empty((6, D), dtype=torch.float32)
+
+
+_PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params, causal, softcap, scale, eps = inputs
+    _, o32, lse = output
+    ctx.save_for_backward(q, k, v, o32, lse, *params)
+    ctx.options = (causal, softcap, scale, eps)
+    ctx.mark_non_differentiable(o32, lse)
+
+
+def _backward_rule(ctx, do, _do32, _dlse):
+    q, k, v, o32, lse, *params = ctx.saved_tensors
+    dq, dk, dv, dnorm = _attention_backward_op(do, q, k, v, o32, lse, *params, *ctx.options)
+    dparams = [None if p is None else dnorm[i].to(p.dtype) for i, p in enumerate(params)]
+    return dq, dk, dv, *dparams, None, None, None, None
+
+
+_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5):
+    """The Triton path of kernels.fused_attention.fused_attention (arguments already validated)."""
+    (qw, qb), (kw, kb), (vw, vb) = (p if p is not None else (None, None) for p in (q_norm, k_norm, v_norm))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    softcap = None if softcap is None else float(softcap)
+    o, _, _ = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps))
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# What the AOT compile test and the benchmarks' compile report build
+
+
+# Option sets worth compiling: every option on (QKV-norm, soft-cap) and none.
+AOT_OPTIONS = {
+    "all": dict(CAUSAL=1, SOFTCAP=1, Q_NORM=1, K_NORM=1, V_NORM=1),
+    "none": dict(CAUSAL=1, SOFTCAP=0, Q_NORM=0, K_NORM=0, V_NORM=0),
+}
+
+
+def _signatures(ty: str) -> dict:
+    """Runtime argument types of each kernel for activations of Triton type `ty` and fp32 norms."""
+    io = {name: f"*{ty}" for name in ("Q", "K", "V")}
+    norms = {name: "*fp32" for name in ("QW", "QB", "KW", "KB", "VW", "VB")}
+    scalars = {"T": "i32", "H": "i32", "scale": "fp32", "softcap": "fp32", "eps": "fp32"}
+
+    def strides(*names):
+        return {f"stride_{n}{x}": "i32" for n in names for x in "bth"}
+
+    return {
+        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", **strides("q", "k", "v", "o"),
+                      **scalars},
+        "_attn_bwd_dkdv": {**io, "DO": f"*{ty}", "LSE": "*fp32", "DELTA": "*fp32", **norms, "DK": f"*{ty}",
+                           "DV": f"*{ty}", "DNORM_K": "*fp32", "DNORM_V": "*fp32",
+                           **strides("q", "k", "v", "do", "g"), **scalars},
+        "_attn_bwd_dq": {**io, "DO": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", **norms,
+                         "DQ": f"*{ty}", "DNORM_Q": "*fp32", **strides("q", "k", "v", "o", "do", "g"), **scalars},
+    }
+
+
+def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"), archs=(80, 90)) -> list:
+    """aot.CompileJobs for every kernel, supported D, dtype, option set and arch, at the tile shapes,
+    warps and stages the launcher picks on that GPU. Pointers and strides are marked 16-divisible,
+    as the JIT specialises them for (B, T, H, D) views with D >= 16 contiguous elements.
+    """
+    from .aot import CompileJob
+
+    tl_types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    jobs = []
+    for dtype in dtypes:
+        for kernel, sig in _signatures(tl_types[dtype]).items():
+            aligned = [name for name, ty in sig.items() if ty.startswith("*") or name.startswith("stride_")]
+            for D in HEAD_DIMS:
+                for arch in archs:
+                    cfg = dict(block_sizes(D, dtype, arch)[kernel.removeprefix("_attn_").removeprefix("bwd_")])
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    for name in options:
+                        constexprs = {"D": D, **cfg, **AOT_OPTIONS[name], "DOT_UPCAST": 0}
+                        jobs.append(CompileJob(__name__, kernel, sig, constexprs, arch, warps, stages, aligned))
+    return jobs
+
+
+backend.KERNELS.add("fused_attention")
