@@ -537,7 +537,7 @@ def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, caus
         float(scale), float(softcap or 1.0), float(eps),
         D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), **cfg,
     )
-    backend.LAUNCHES["_attn_fwd"] += 1
+    backend.LAUNCHES["fused_attention_fwd"] += 1
     return o, o32, lse
 
 
@@ -562,7 +562,7 @@ def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weigh
     _attn_bwd_dq[(n_prog,)](
         q, k, v, do, o32, lse, delta, *norms, dq, part_q,
         *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o32), *_bhts(do), *_bhts(dq), *scalars, D=D, **flags, **cfg)
-    backend.LAUNCHES["_attn_bwd_dq"] += 1
+    backend.LAUNCHES["fused_attention_bwd_dq"] += 1
 
     cfg = dict(blocks["dkdv"])
     n_prog = B * H * triton.cdiv(T, cfg["BLOCK_N"])
@@ -571,7 +571,7 @@ def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weigh
     _attn_bwd_dkdv[(n_prog,)](
         q, k, v, do, lse, delta, *norms, dk, dv, part_k, part_v,
         *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(do), *_bhts(dk), *scalars, D=D, **flags, **cfg)
-    backend.LAUNCHES["_attn_bwd_dkdv"] += 1
+    backend.LAUNCHES["fused_attention_bwd_dkdv"] += 1
 
     # Partial sums reduced in a fixed order: deterministic weight/bias gradients.
     for i, (weight, part) in enumerate(((q_weight, part_q), (k_weight, part_k), (v_weight, part_v))):

@@ -21,7 +21,8 @@ from tolerance import assert_within_tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NORMS = ("q_norm", "k_norm", "v_norm")
-KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")  # the Triton functions (AOT)
+LAUNCHES = ("fused_attention_fwd", "fused_attention_bwd_dq", "fused_attention_bwd_dkdv")  # backend.LAUNCHES keys
 
 
 def make_case(B, T, H, D, *, norms=(), bias=True, cap=None, layout="contiguous", seed=0):
@@ -94,7 +95,7 @@ def check_against_reference(case, dtype, *, causal=True, softcap=None, norm_dtyp
     opts = dict(causal=causal, softcap=softcap, norm_dtype=norm_dtype)
     before = backend.LAUNCHES.copy()
     o, grads = run(case, dtype, "triton", **opts)
-    for kernel in KERNELS:
+    for kernel in LAUNCHES:
         assert backend.LAUNCHES[kernel] == before[kernel] + 1, f"{kernel} did not run: fell back to the reference?"
     o_t, grads_t = run(case, dtype, "reference", **opts)
     o_64, grads_64 = run(case, dtype, "reference", compute=torch.float64, **opts)
@@ -194,10 +195,10 @@ def test_float64_is_a_clear_error_on_the_triton_path(triton_backend):
 
 def test_auto_backend_takes_the_kernel_under_the_interpreter():
     sb.set_backend("auto")
-    before = backend.LAUNCHES["_attn_fwd"]
+    before = backend.LAUNCHES["fused_attention_fwd"]
     q = torch.randn(1, 5, 1, 16)
     fused_attention(q, q, q)
-    assert backend.LAUNCHES["_attn_fwd"] == before + 1
+    assert backend.LAUNCHES["fused_attention_fwd"] == before + 1
 
 
 def test_torch_compile_fullgraph(triton_backend):
@@ -214,7 +215,7 @@ def test_torch_compile_fullgraph(triton_backend):
     before = backend.LAUNCHES.copy()
     compiled = torch.compile(f, fullgraph=True)
     grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for kernel in KERNELS:
+    for kernel in LAUNCHES:
         assert backend.LAUNCHES[kernel] == before[kernel] + 1, kernel
     for a, b in zip(grads, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -257,12 +258,12 @@ def test_saved_memory_fake_tensors_match_a_real_run(triton_backend):
     at T = 1024); the op's autograd saves exactly the same bytes in a real run."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    before = backend.LAUNCHES["_attn_fwd"]
+    before = backend.LAUNCHES["fused_attention_fwd"]
     real = saved_bytes(kernel, *attention_inputs(48))
-    assert backend.LAUNCHES["_attn_fwd"] == before + 1
+    assert backend.LAUNCHES["fused_attention_fwd"] == before + 1
     with FakeTensorMode():
         fake = saved_bytes(kernel, *attention_inputs(48))
-    assert backend.LAUNCHES["_attn_fwd"] == before + 1  # the fake run launched nothing
+    assert backend.LAUNCHES["fused_attention_fwd"] == before + 1  # the fake run launched nothing
     assert real == fake
 
 
@@ -301,7 +302,7 @@ def test_stable_attention_runs_the_kernel(triton_backend, recipe):
     before = backend.LAUNCHES.copy()
     y = module(x)
     y.square().sum().backward()
-    for kernel in KERNELS:
+    for kernel in LAUNCHES:
         assert backend.LAUNCHES[kernel] == before[kernel] + 1, kernel
     grads = {n: p.grad.clone() for n, p in module.named_parameters()}
     module.zero_grad()
@@ -315,11 +316,11 @@ def test_stable_attention_runs_the_kernel(triton_backend, recipe):
 
 def test_stable_attention_dropout_takes_the_reference_path(triton_backend):
     module = _attention_module(qk_norm=True, dropout=0.1).train()
-    before = backend.LAUNCHES["_attn_fwd"]
+    before = backend.LAUNCHES["fused_attention_fwd"]
     module(torch.randn(1, 8, 64))
-    assert backend.LAUNCHES["_attn_fwd"] == before
+    assert backend.LAUNCHES["fused_attention_fwd"] == before
     module.eval()(torch.randn(1, 8, 64))
-    assert backend.LAUNCHES["_attn_fwd"] == before + 1
+    assert backend.LAUNCHES["fused_attention_fwd"] == before + 1
 
 
 # ----------------------------------------------------------------------------------------------
