@@ -87,7 +87,9 @@ class StableAttention(nn.Module):
         else:
             # MLRA as this project reads it: each head's q/k/v map d -> r -> D.
             self.c_attn = StableLinear(d, 3 * H * cfg.low_rank, False, gates=3 if gated else 0)
-            self.c_attn_up = nn.Parameter(torch.empty(3, H, cfg.low_rank, D))
+            # nn.Linear's default scale, so the module works standalone; init_weights sets the recipe's.
+            bound = 1.0 / math.sqrt(cfg.low_rank)
+            self.c_attn_up = nn.Parameter(torch.empty(3, H, cfg.low_rank, D).uniform_(-bound, bound))
             self.c_attn_up_bias = nn.Parameter(torch.zeros(3, H, D)) if cfg.bias else None
         self.c_proj = StableLinear(d, d, cfg.bias, gates=1 if gated else 0)
         normed = cfg.qk_norm or cfg.qkv_norm
