@@ -62,7 +62,10 @@ def _logits(qk, scale, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
-    """a @ b (+ acc) accumulated in fp32; fp32 operands multiply in IEEE fp32, not TF32.
+    """a @ b (+ acc) accumulated in fp32, on tensor cores. fp32 operands take 3xTF32: each splits
+    into a TF32 high part and a TF32 remainder, and hi*hi + hi*lo + lo*hi recovers ~fp32 products
+    (plain TF32 misses SPEC.md's fp32 tolerance ~100x; emulated 3xTF32 is within it, like IEEE
+    fp32, which spills registers at these tiles). bf16/fp16 operands ignore input_precision.
 
     DOT_UPCAST (interpreter only): Triton's interpreter multiplies bf16 tiles as their raw uint16
     bits (triton-lang/triton#11584), so bf16 operands go in as exact fp32 copies: the same products
@@ -71,7 +74,7 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
     if DOT_UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="tf32x3")
 
 
 @triton.jit
@@ -463,8 +466,10 @@ def _attn_bwd_dq(
 def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
     """Fixed tile shapes, warps and stages per kernel for a GPU of compute capability `arch` (80 for
     sm_80, 90 for sm_90a), or for the interpreter when `arch` is None. No autotuning: deterministic,
-    and what tests/test_kernels_fused_attention.py compiles ahead of time (bf16 on sm_80 and sm_90a,
-    with every option on and with none: 0 spill bytes, tensor-core matmuls; fp16 compiles the same).
+    and what tests/test_kernels_fused_attention.py compiles ahead of time (bf16 and fp32 on sm_80 and
+    sm_90a, with every option on and with none: tensor-core matmuls and 0 spill bytes, except fp32 dq
+    at D = 128 on sm_90a with every option on: 8 bytes; fp16 compiles as bf16). fp32 at D <= 64 uses
+    78-228 registers, at D = 128 168-255.
 
     Under the interpreter every tile is 16 rows: the tests' short sequences then cross several tile
     boundaries, and the numpy programs stay small.
@@ -474,12 +479,11 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
     wide = D == 128
     if dtype == torch.float32:
-        # IEEE fp32 matmuls run on the FMA units with whole operand rows in registers: the smallest
-        # tiles still spill (up to ~24 bytes for D <= 64, ~1 KB at D = 128). fp32 is the exact
-        # path, not the fast one (README).
-        fwd = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-        dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        # 3xTF32 matmuls (see _dot) hold each fp32 operand twice, as its TF32 high and low parts:
+        # small tiles, and at D = 128 8 warps for the backward, keep them in registers.
+        fwd = dict(BLOCK_M=16 if wide else 32, BLOCK_N=16, num_warps=4, num_stages=1)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+        dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
     else:
         fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=1 if wide else 2)
         if wide:

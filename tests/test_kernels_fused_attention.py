@@ -327,6 +327,12 @@ def test_stable_attention_dropout_takes_the_reference_path(triton_backend):
 # Ahead-of-time compilation for sm_80 / sm_90a
 
 
+# The one known exception: fp32 dq at D = 128 on sm_90a with every option on spills 8 bytes (3xTF32
+# keeps q and do live as high and low parts; 2, 4, 8 or 16 warps and 16/32-row tiles all spill).
+# Bounded so it cannot grow unnoticed.
+FP32_DQ_D128_SM90_SPILL = 8
+
+
 @pytest.mark.slow
 def test_aot_compiles_without_spills_on_tensor_cores():
     from stableblocks.kernels import aot
@@ -335,9 +341,10 @@ def test_aot_compiles_without_spills_on_tensor_cores():
         aot._ptxas(80), aot._ptxas(90)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    jobs = fat.aot_configs(dtypes=(torch.bfloat16,))
-    assert {(j.kernel, j.constexprs["D"], j.arch) for j in jobs} == {
-        (k, D, arch) for k in KERNELS for D in fat.HEAD_DIMS for arch in (80, 90)}
+    # bf16 (fp16 compiles the same) and fp32, whose 3xTF32 matmuls also run on tensor cores.
+    jobs = fat.aot_configs(dtypes=(torch.bfloat16, torch.float32))
+    assert {(j.kernel, j.signature["Q"], j.constexprs["D"], j.arch) for j in jobs} == {
+        (k, ty, D, arch) for k in KERNELS for ty in ("*bf16", "*fp32") for D in fat.HEAD_DIMS for arch in (80, 90)}
     # Two children, one per core: importing Triton and ptxas dominate.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         halves = pool.map(aot.compile_jobs_in_subprocess, (jobs[0::2], jobs[1::2]))
@@ -347,5 +354,8 @@ def test_aot_compiles_without_spills_on_tensor_cores():
     for job, s in zip(jobs, stats):
         assert (s.kernel, s.arch, s.constexprs) == (job.kernel, {80: "sm_80", 90: "sm_90a"}[job.arch],
                                                      job.constexprs)
-        assert s.spill_stores == s.spill_loads == 0, f"spills:\n{report}"
-        assert s.tensor_core, f"no HMMA/HGMMA:\n{report}"
+        what = f"{s.kernel} {job.signature['Q'][1:]} D={job.constexprs['D']} {s.arch}"
+        allowed = FP32_DQ_D128_SM90_SPILL if (job.kernel, job.signature["Q"], job.constexprs["D"], job.arch,
+                                              job.constexprs["Q_NORM"]) == ("_attn_bwd_dq", "*fp32", 128, 90, 1) else 0
+        assert max(s.spill_stores, s.spill_loads) <= allowed, f"{what} spills:\n{report}"
+        assert s.tensor_core, f"{what}: no HMMA/HGMMA:\n{report}"
