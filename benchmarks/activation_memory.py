@@ -3,9 +3,13 @@
 Every tensor autograd saves during one block's forward is recorded; tensors sharing a storage
 (q, k, v as views of one projection) count once, and parameters do not count (they exist
 anyway). The block's input counts when the block saves it. StableBlock is measured under every
-recipe with the reference backend and with the Triton kernels (where they exist; on CPU under
-Triton's interpreter), beside Hugging Face's GPT2Block with eager and SDPA attention, all in
-training mode with dropout 0.
+recipe with the reference backend and with the Triton kernels (where they exist), beside Hugging
+Face's GPT2Block with eager and SDPA attention, all in training mode with dropout 0.
+
+The forward runs on fake tensors (FakeTensorMode, CPU device): every op dispatches as on CPU and
+saves what it would save, but nothing is computed, so a T = 1024 block with Triton ops (their
+registered fake kernels stand in for the launches) takes a second instead of the interpreter's
+minutes. tests/test_benchmarks.py checks that fake and real runs save the same bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 import stableblocks as sb
 from stableblocks.kernels import backend
@@ -20,19 +27,41 @@ from stableblocks.kernels import backend
 from . import ops
 
 
-def saved_bytes(module: torch.nn.Module, *args, **kwargs) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in module(*args, **kwargs)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+class _OpsSeen(TorchDispatchMode):
+    """Records the stableblocks custom ops (the Triton kernels' entry points) that are called."""
+
+    def __init__(self, seen: set):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "stableblocks":
+            self.seen.add(func.name().split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def saved_bytes(module: torch.nn.Module, *args, fake: bool = True, seen_ops: set | None = None, **kwargs) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in module(*args, **kwargs),
+    on fake tensors (nothing computed) or, with fake=False, real ones. `seen_ops` collects the
+    stableblocks custom ops called."""
+    state = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
+    context = contextlib.nullcontext()
+    if fake:
+        context = mode = FakeTensorMode()
+        state = {name: mode.from_tensor(t) for name, t in state.items()}
+        args, kwargs = tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+    params = {t.untyped_storage()._cdata for t in state.values()}
     saved: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*args, **kwargs)
+    seen = _OpsSeen(set() if seen_ops is None else seen_ops)
+    with context, seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.func.functional_call(module, state, args, kwargs)
     return sum(saved.values())
 
 
@@ -70,8 +99,9 @@ def measure(recipes=None, d: int = 768, n_head: int = 12, T: int = 1024, B: int 
             dtype: torch.dtype = torch.bfloat16, triton: bool = True, progress=None) -> list[dict]:
     """Rows of {block, backend, bytes_per_token, note}: StableBlock per recipe and backend, HF GPT2Block.
 
-    triton=True adds StableBlock with backend "auto" under Triton's interpreter: ops with a kernel
-    run it, the others their reference (named in the note); skipped when no op has a kernel.
+    triton=True adds StableBlock with backend "auto" (TRITON_INTERPRET=1 makes it choose the kernels
+    for CPU tensors): ops with a kernel take it, the others their reference (named in the note);
+    skipped when no op has a kernel.
     """
     recipes = list(sb.recipes()) if recipes is None else list(recipes)
     tokens = B * T
@@ -92,12 +122,12 @@ def measure(recipes=None, d: int = 768, n_head: int = 12, T: int = 1024, B: int 
                 continue
             if not backend.interpreting():
                 raise RuntimeError("the Triton backend on CPU needs TRITON_INTERPRET=1 before triton is imported")
-            before = backend.LAUNCHES.copy()
+            seen = set()
             with _backend("auto"):
-                n = saved_bytes(block, x)
-            ran = sorted(k for k in backend.LAUNCHES if backend.LAUNCHES[k] > before[k])
+                n = saved_bytes(block, x, seen_ops=seen)
             missing = sorted(set(ops.OPS) - backend.KERNELS)
-            note = f"kernels: {', '.join(ran) or 'none'}" + (f"; reference for {', '.join(missing)} (no kernel yet)" if missing else "")
+            note = f"kernel ops: {', '.join(sorted(seen)) or 'none'}" + (
+                f"; reference for {', '.join(missing)} (no kernel yet)" if missing else "")
         else:
             with _backend("reference"):
                 n = saved_bytes(block, x)

@@ -4,11 +4,12 @@ Two counters:
 
 - ``TritonTraffic`` patches Triton's interpreter (TRITON_INTERPRET=1) so that every load, store
   and atomic of every program instance is recorded: masked-in elements x element size, per kernel
-  launch and per kernel argument. Two totals come out of it. *Requested* bytes are what the
-  kernel asks the memory system for; they equal DRAM traffic only without cache reuse (the
-  standard no-cache model, and the one FlashAttention-2's traffic model uses). *Unique* bytes
-  count each distinct address once per launch (an ideal cache): what a kernel whose re-reads hit
-  L1/L2 (a row re-read by its own program, a (d,) weight shared by every program) costs.
+  launch and per kernel argument. *Requested* bytes are what the kernel asks the memory system
+  for; they equal DRAM traffic only without cache reuse (the standard model, and the one
+  FlashAttention-2's traffic model uses). *Unique* bytes count each distinct address once per
+  launch (an ideal cache). The cost model's figure, *modeled* bytes, is requested bytes except
+  for the op's weights (the (d,) or (D,) vectors every program reads, the embedding tables),
+  which count once per launch: they stay in L2.
 - ``AtenTraffic`` is a TorchDispatchMode that sums, for each aten op, the bytes of its tensor
   inputs and outputs (views are free; a broadcast input counts its distinct elements; an
   embedding reads only the gathered rows). It counts the eager composition, and the PyTorch ops
@@ -54,6 +55,7 @@ class ArgTraffic:
     write: int = 0
     read_unique: int = 0
     write_unique: int = 0
+    weight: bool = False  # one of the op's weights: modeled as read once per launch
 
     @property
     def requested(self) -> int:
@@ -62,6 +64,10 @@ class ArgTraffic:
     @property
     def unique(self) -> int:
         return self.read_unique + self.write_unique
+
+    @property
+    def modeled(self) -> int:
+        return self.unique if self.weight else self.requested
 
 
 @dataclass
@@ -79,12 +85,17 @@ class Launch:
     def unique(self) -> int:
         return sum(a.unique for a in self.args.values())
 
+    @property
+    def modeled(self) -> int:
+        return sum(a.modeled for a in self.args.values())
+
 
 class _Recorder:
     """The launch being interpreted: its arguments' storages and the addresses it touched."""
 
-    def __init__(self, kernel: str):
+    def __init__(self, kernel: str, weights: set[int]):
         self.kernel = kernel
+        self.weights = weights  # storage addresses of the op's weights
         self.storages: dict[int, tuple[int, str]] = {}  # start address -> (nbytes, argument names)
         self.constexprs: dict = {}
         self.accesses: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)  # (kind, elt) -> addrs
@@ -116,14 +127,14 @@ class _Recorder:
             inside = (slot >= 0) & (addrs < ends[np.clip(slot, 0, None)]) if len(starts) else np.zeros(len(addrs), bool)
             for i in np.unique(slot[inside]):
                 hit = addrs[inside & (slot == i)]
-                self._add(launch, labels[i], kind, elt, hit)
+                self._add(launch, labels[i], kind, elt, hit, int(starts[i]) in self.weights)
             if not inside.all():
-                self._add(launch, "<outside every argument>", kind, elt, addrs[~inside])
+                self._add(launch, "<outside every argument>", kind, elt, addrs[~inside], False)
         return launch
 
     @staticmethod
-    def _add(launch: Launch, label: str, kind: str, elt: int, addrs: np.ndarray) -> None:
-        a = launch.args.setdefault(label, ArgTraffic())
+    def _add(launch: Launch, label: str, kind: str, elt: int, addrs: np.ndarray, weight: bool) -> None:
+        a = launch.args.setdefault(label, ArgTraffic(weight=weight))
         requested, unique = len(addrs) * elt, len(np.unique(addrs)) * elt
         if kind == "read":
             a.read += requested
@@ -134,10 +145,14 @@ class _Recorder:
 
 
 class TritonTraffic:
-    """Context manager: record every interpreted Triton launch's loads and stores in `.launches`."""
+    """Context manager: record every interpreted Triton launch's loads and stores in `.launches`.
 
-    def __init__(self):
+    `weights`: tensors whose storages count as the op's weights (see ArgTraffic.modeled).
+    """
+
+    def __init__(self, weights=()):
         self.launches: list[Launch] = []
+        self.weights = {t.untyped_storage().data_ptr() for t in weights}
 
     def __enter__(self):
         if not backend.interpreting():
@@ -151,7 +166,7 @@ class TritonTraffic:
                        ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")]
         self._saved += [(executor, name, getattr(executor, name)) for name in ("__call__", "_init_args_hst")]
         orig = {name: fn for _, name, fn in self._saved}
-        launches = self.launches
+        launches, weights = self.launches, self.weights
 
         def elt(ptrs) -> int:
             return max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
@@ -180,7 +195,7 @@ class TritonTraffic:
             return args_hst, kwargs_hst
 
         def call(ex, *args, **kwargs):
-            _state.launch = _Recorder(ex.fn.__name__)
+            _state.launch = _Recorder(ex.fn.__name__, weights)
             try:
                 out = orig["__call__"](ex, *args, **kwargs)
                 launches.append(_state.launch.finish(interp.interpreter_builder.grid_dim))
@@ -206,6 +221,10 @@ class TritonTraffic:
     @property
     def unique(self) -> int:
         return sum(launch.unique for launch in self.launches)
+
+    @property
+    def modeled(self) -> int:
+        return sum(launch.modeled for launch in self.launches)
 
 
 # --- aten ops at the dispatcher ---------------------------------------------------------------------
@@ -297,12 +316,14 @@ class PassBytes:
 
     kernel_requested: int = 0  # Triton loads + stores (no cache)
     kernel_unique: int = 0  # each distinct address once per launch
+    kernel_modeled: int = 0  # requested, the op's weights once per launch
     torch_bytes: int = 0  # aten ops at the dispatcher (the whole pass for eager; launcher work for Triton)
     launches: list[Launch] = field(default_factory=list)
     aten: dict[str, int] = field(default_factory=dict)
 
-    def total(self, model: str) -> int:
-        return (self.kernel_requested if model == "requested" else self.kernel_unique) + self.torch_bytes
+    @property
+    def total(self) -> int:
+        return self.kernel_modeled + self.torch_bytes
 
 
 @contextlib.contextmanager
@@ -320,7 +341,7 @@ def count_passes(fn, inputs: ops.Inputs, triton: bool) -> dict[str, PassBytes]:
     result = {}
     with _backend("triton" if triton else "reference"):
         for mode in ("forward", "backward"):
-            kernels = TritonTraffic() if triton else contextlib.nullcontext()
+            kernels = TritonTraffic(inputs.weights) if triton else contextlib.nullcontext()
             aten = AtenTraffic()
             if mode == "forward":
                 with kernels, aten:
@@ -332,7 +353,7 @@ def count_passes(fn, inputs: ops.Inputs, triton: bool) -> dict[str, PassBytes]:
             p = PassBytes(torch_bytes=aten.total, aten=aten.by_op())
             if triton:
                 p.launches = kernels.launches
-                p.kernel_requested, p.kernel_unique = kernels.requested, kernels.unique
+                p.kernel_requested, p.kernel_unique, p.kernel_modeled = kernels.requested, kernels.unique, kernels.modeled
             result[mode] = p
     return result
 
@@ -390,17 +411,13 @@ class CaseBytes:
     case: ops.Case
     shape: ops.Shape
     dtype: torch.dtype
+    param_dtype: torch.dtype
     unavoidable: dict[str, int]
     eager: dict[str, PassBytes]
     triton: dict[str, PassBytes] | None  # None: no kernel yet
     fa2: dict[str, int] | None = None
     blocks: tuple[int, int] | None = None
     note: str = ""
-
-    @property
-    def model(self) -> str:
-        """The cache model each op's kernel is judged with (see the module docstring)."""
-        return "requested" if self.case.op == "fused_attention" else "unique"
 
     def target(self, mode: str) -> int | None:
         """What the kernel is compared with: FA2's model for attention, else the unavoidable bytes."""
@@ -409,12 +426,13 @@ class CaseBytes:
         return self.unavoidable[mode]
 
 
-def measure(case: ops.Case, shape: ops.Shape, dtype=torch.float32, seed: int = 0) -> CaseBytes:
+def measure(case: ops.Case, shape: ops.Shape, dtype=torch.float32, param_dtype=None, seed: int = 0) -> CaseBytes:
     """Count one case's bytes on CPU: the eager composition always, the Triton kernel if it exists."""
-    inputs = ops.make_inputs(case, shape, dtype, "cpu", seed)
+    param_dtype = param_dtype or dtype
+    inputs = ops.make_inputs(case, shape, dtype, "cpu", seed, param_dtype)
     eager = count_passes(ops.reference_fn(case.op), inputs, triton=False)
-    unavoidable = ops.unavoidable_bytes(case, shape, dtype)
-    result = CaseBytes(case, shape, dtype, {m: unavoidable[m] for m in ("forward", "backward")}, eager, None)
+    unavoidable = ops.unavoidable_bytes(case, shape, dtype, param_dtype)
+    result = CaseBytes(case, shape, dtype, param_dtype, {m: unavoidable[m] for m in ("forward", "backward")}, eager, None)
     if not case.has_kernel():
         result.note = "no kernel yet"
         return result
@@ -425,8 +443,7 @@ def measure(case: ops.Case, shape: ops.Shape, dtype=torch.float32, seed: int = 0
             names = sorted({k for launch in result.triton["forward"].launches for k in launch.constexprs})
             result.note = f"FA2 model needs the kernel's block sizes; constexprs found: {names}"
         else:
-            a = torch.tensor([], dtype=dtype).element_size()
-            result.fa2 = fa2_model(shape, a, *result.blocks)
+            result.fa2 = fa2_model(shape, dtype.itemsize, *result.blocks)
     return result
 
 
@@ -440,15 +457,15 @@ def to_dict(r: CaseBytes) -> dict:
         for mode, b in p.items():
             out[mode] = {"torch": b.torch_bytes, "aten": b.aten}
             if kernel:
-                out[mode] |= {"requested": b.kernel_requested, "unique": b.kernel_unique,
+                out[mode] |= {"requested": b.kernel_requested, "unique": b.kernel_unique, "modeled": b.kernel_modeled,
                               "launches": [{"kernel": l.kernel, "grid": list(l.grid), "constexprs": {k: v if isinstance(v, (int, float, str)) else str(v)
                                                                          for k, v in l.constexprs.items()},
-                                            "requested": l.requested, "unique": l.unique,
-                                            "args": {k: [a.requested, a.unique] for k, a in l.args.items()}}
+                                            "requested": l.requested, "unique": l.unique, "modeled": l.modeled,
+                                            "args": {k: [a.requested, a.unique, a.weight] for k, a in l.args.items()}}
                                            for l in b.launches]}
-                out[mode]["total"] = b.total(r.model)
+                out[mode]["total"] = b.total
         return out
 
-    return {"case": r.case.name, "op": r.case.op, "shape": r.case.shape_label(r.shape, r.dtype), "tokens": r.shape.tokens,
-            "model": r.model, "unavoidable": r.unavoidable, "eager": passes(r.eager, False),
+    return {"case": r.case.name, "op": r.case.op, "shape": r.case.shape_label(r.shape, r.dtype, r.param_dtype), "tokens": r.shape.tokens,
+            "unavoidable": r.unavoidable, "eager": passes(r.eager, False),
             "triton": passes(r.triton, True), "fa2": r.fa2, "blocks": r.blocks, "note": r.note}

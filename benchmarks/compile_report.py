@@ -50,14 +50,15 @@ def kernel_modules() -> dict[str, object | None]:
 
 
 def jobs_for(module) -> list:
-    """The module's aot_configs() for both archs (each job's arch is replaced by 80 and 90)."""
+    """The module's aot_configs() (CompileJobs, or their fields as dicts; the module defaults to this
+    one) for both archs: each job's arch is replaced by 80 and 90."""
     from stableblocks.kernels import aot
 
     if not hasattr(module, "aot_configs"):
         raise RuntimeError(f"{module.__name__} has no aot_configs(): the report compiles what that function lists")
     jobs = []
     for job in module.aot_configs():
-        job = job if isinstance(job, aot.CompileJob) else aot.CompileJob(**job)
+        job = job if isinstance(job, aot.CompileJob) else aot.CompileJob(**{"module": module.__name__, **job})
         for arch in ARCHS:
             new = dataclasses.replace(job, arch=arch)
             if new not in jobs:

@@ -30,10 +30,10 @@ from tqdm import tqdm  # noqa: E402
 
 from . import activation_memory, bytes_moved, compile_report, ops, report, results, throughput  # noqa: E402
 
-DTYPE = torch.bfloat16
+DTYPE, PARAM_DTYPE = ops.TRAINING_DTYPE, ops.TRAINING_PARAM_DTYPE
 # Small shapes the interpreter runs in seconds; bytes per token scale linearly in the token count
 # (the embedding's vocabulary is 6x the tokens, like GPT-2's 50304 rows against 8192 tokens).
-NORM_SHAPE = ops.Shape(B=1, T=256, d=768, vocab=6 * 256)
+NORM_SHAPE = ops.Shape(B=4, T=256, d=768, vocab=6 * 1024)
 ATTENTION_SHAPE = ops.Shape(B=1, T=256, d=128, D=64)  # 2 heads; the FA2 model uses the kernel's blocks
 # The shape the results page projects to H100 (GPT-2 small, 8 x 1024 tokens).
 PROJECTION_SHAPE = ops.Shape(B=8, T=1024, d=768, D=64, vocab=50304)
@@ -47,7 +47,7 @@ def measure_bytes(quick: bool, progress) -> list[dict]:
         if quick:
             shape = ops.Shape(B=1, T=64, d=64 if case.op == "fused_attention" else 128, D=32, vocab=6 * 64)
         progress(f"bytes {case.name}")
-        r = bytes_moved.measure(case, shape, DTYPE)
+        r = bytes_moved.measure(case, shape, DTYPE, PARAM_DTYPE)
         entry = bytes_moved.to_dict(r)
         if r.blocks is not None:
             proj = PROJECTION_SHAPE
@@ -90,9 +90,10 @@ def csv_rows(data: dict, parts=PARTS) -> list[dict]:
                 rows.append(results.row(e["case"], "triton", mode, e["shape"], "bytes_per_token", "B", **stamp, note=e["note"]))
                 continue
             t = e["triton"][mode]
-            for model in ("unique", "requested"):
-                rows.append(results.row(e["case"], "triton", mode, e["shape"], f"bytes_per_token_{model}", "B",
-                                        per(t[model] + t["torch"]), **stamp, note=f"kernels + launcher ops; {e['note']}".strip("; ")))
+            for model in ("modeled", "requested", "unique"):
+                metric = "bytes_per_token" if model == "modeled" else f"bytes_per_token_{model}"
+                rows.append(results.row(e["case"], "triton", mode, e["shape"], metric, "B", per(t[model] + t["torch"]),
+                                        **stamp, note=f"kernels ({model}) + launcher ops; {e['note']}".strip("; ")))
     act = data.get("activation")
     if act:
         shape = f"B=1 T={act['T']} d={act['d']} {act['dtype']}"

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from . import ops, report, results
 
-CUDA_SWEEP = dict(B=8, T=[128, 256, 512, 1024, 2048, 4096, 8192], d=[768, 1024, 1600, 2048], D=[64, 128], dtype="bf16")
-CPU_SWEEP = dict(B=1, T=[128, 512], d=[768], D=[64], dtype="fp32")
+CUDA_SWEEP = dict(B=8, T=[128, 256, 512, 1024, 2048, 4096, 8192], d=[768, 1024, 1600, 2048], D=[64, 128], dtype="bf16",
+                  param_dtype="fp32")  # autocast training: bf16 activations, fp32 weights
+CPU_SWEEP = dict(B=1, T=[128, 512], d=[768], D=[64], dtype="fp32", param_dtype="fp32")
 QUICK = dict(T=[1024], d=[768], D=[64])  # on CPU: T=128
 
 
@@ -56,7 +57,7 @@ def time_cuda(fn) -> tuple[float, float, float]:
     return p50, p20, p80
 
 
-def bench_case(case: ops.Case, shape_list, providers, modes, dtype, device, stamp: dict) -> list[dict]:
+def bench_case(case: ops.Case, shape_list, providers, modes, dtype, param_dtype, device, stamp: dict) -> list[dict]:
     """Rows for one case over its shapes; unavailable providers give one row each with the reason."""
     rows, fns, runs = [], {}, []
     for provider in providers:
@@ -70,12 +71,12 @@ def bench_case(case: ops.Case, shape_list, providers, modes, dtype, device, stam
             runs.append((provider, mode))
     timer = time_cuda if device == "cuda" else time_cpu
     for shape in shape_list:
-        label = case.shape_label(shape, dtype)
-        need = ops.unavoidable_bytes(case, shape, dtype)
+        label = case.shape_label(shape, dtype, param_dtype)
+        need = ops.unavoidable_bytes(case, shape, dtype, param_dtype)
         flops = ops.attention_flops(shape) if case.op == "fused_attention" else None
         for provider, mode in runs:
             try:
-                inputs = ops.make_inputs(case, shape, dtype, device)
+                inputs = ops.make_inputs(case, shape, dtype, device, param_dtype=param_dtype)
                 p50, p20, p80 = timer(ops.step_fn(fns[provider], inputs, mode))
             except torch.OutOfMemoryError:
                 rows.append(results.row(case.name, provider, mode, label, "time", "ms", **stamp, note="out of memory"))
@@ -110,7 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths")
     p.add_argument("--d", type=int, nargs="+", help="model widths")
     p.add_argument("--D", type=int, nargs="+", help="attention head widths")
-    p.add_argument("--dtype", choices=sorted(ops.DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(ops.DTYPES), help="activations (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--param-dtype", choices=sorted(ops.DTYPES), help="weights (default fp32)")
     p.add_argument("--quick", action="store_true", help="one GPT-2 small shape per op")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--csv", type=Path, default=results.RESULTS / "microbench.csv")
@@ -123,10 +125,10 @@ def main(argv=None) -> list[dict]:
     sweep = dict(CUDA_SWEEP if args.device == "cuda" else CPU_SWEEP)
     if args.quick:
         sweep.update(QUICK if args.device == "cuda" else dict(QUICK, T=[128]))
-    for key in ("B", "T", "d", "D", "dtype"):
+    for key in ("B", "T", "d", "D", "dtype", "param_dtype"):
         if getattr(args, key) is not None:
             sweep[key] = getattr(args, key)
-    dtype = ops.DTYPES[sweep["dtype"]]
+    dtype, param_dtype = ops.DTYPES[sweep["dtype"]], ops.DTYPES[sweep["param_dtype"]]
     if args.device == "cuda":
         torch._dynamo.config.recompile_limit = 64  # one compiled function serves every shape of a case
     stamp = dict(device=results.device_name(args.device), versions=results.versions(), timestamp=results.now())
@@ -135,7 +137,7 @@ def main(argv=None) -> list[dict]:
     for case in tqdm(todo, desc="microbench"):
         providers = [p for p in ops.providers(case, args.device) if not args.providers or p in args.providers]
         case_shapes = shapes(case, sweep["B"], sweep["T"], sweep["d"], sweep["D"])
-        case_rows = bench_case(case, case_shapes, providers, args.modes, dtype, args.device, stamp)
+        case_rows = bench_case(case, case_shapes, providers, args.modes, dtype, param_dtype, args.device, stamp)
         results.append(args.csv, case_rows)
         rows += case_rows
     print(report.microbench_table(rows))

@@ -55,13 +55,17 @@ class Case:
     def name(self) -> str:
         return f"{self.op}:{self.variant}"
 
-    def shape_label(self, shape: Shape, dtype: torch.dtype) -> str:
+    def shape_label(self, shape: Shape, dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> str:
         parts = {"B": shape.B, "T": shape.T, "d": shape.d}
         if self.op == "fused_attention":
             parts = {"B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D}
-        if self.op == "fused_embedding":
+        if self.op == "fused_embedding":  # its activations are its tables' dtype
             parts["V"] = shape.vocab
-        return " ".join(f"{k}={v}" for k, v in parts.items()) + f" {dtype_name(dtype)}"
+            dtype = param_dtype or dtype
+        label = " ".join(f"{k}={v}" for k, v in parts.items()) + f" {dtype_name(dtype)}"
+        if param_dtype not in (None, dtype):
+            label += f" params={dtype_name(param_dtype)}"
+        return label
 
     def valid(self, shape: Shape) -> bool:
         return self.op != "fused_attention" or shape.d % shape.D == 0
@@ -103,6 +107,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What GPU training runs (autocast): bf16 activations, fp32 weights.
+TRAINING_DTYPE, TRAINING_PARAM_DTYPE = torch.bfloat16, torch.float32
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -113,39 +119,57 @@ class Inputs:
     args: tuple
     kwargs: dict
     leaves: list[torch.Tensor]  # the differentiable inputs, in a fixed order
+    weights: list[torch.Tensor] = field(default_factory=list)  # those of them that are weights
 
 
-def make_inputs(case: Case, shape: Shape, dtype: torch.dtype, device="cpu", seed: int = 0) -> Inputs:
-    """Random inputs in one dtype (activations and weights alike), leaves requiring grad."""
+def make_inputs(case: Case, shape: Shape, dtype: torch.dtype, device="cpu", seed: int = 0,
+                param_dtype: torch.dtype | None = None) -> Inputs:
+    """Random inputs, leaves requiring grad: activations in `dtype`, weights in `param_dtype`
+    (default the same; fp32 weights with bf16 activations is autocast training). The embedding's
+    tables are weights, and its token ids are distinct when the vocabulary allows."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    param_dtype = param_dtype or dtype
+    weights = []
 
-    def rand(*size, scale=1.0, shift=0.0):
+    def rand(*size, scale=1.0, shift=0.0, param=False):
         t = torch.randn(*size, generator=gen) * scale + shift
-        return t.to(device=device, dtype=dtype).requires_grad_()
+        t = t.to(device=device, dtype=param_dtype if param else dtype).requires_grad_()
+        if param:
+            weights.append(t)
+        return t
 
+    inputs = _make(case, shape, rand, gen, device)
+    inputs.weights = weights
+    return inputs
+
+
+def _make(case: Case, shape: Shape, rand, gen, device) -> Inputs:
     B, T, d = shape.B, shape.T, shape.d
     o = case.options
     if case.op == "layer_norm":
-        x, w, b = rand(B, T, d), rand(d, scale=0.1, shift=1.0), rand(d, scale=0.1)
+        x, w, b = rand(B, T, d), rand(d, scale=0.1, shift=1.0, param=True), rand(d, scale=0.1, param=True)
         return Inputs((x, w, b), {}, [x, w, b])
     if case.op == "fused_embedding":
-        idx = torch.randint(shape.vocab, (B, T), generator=gen).to(device)
-        wte, wpe = rand(shape.vocab, d, scale=0.02), rand(T, d, scale=0.02)
+        if shape.vocab >= B * T:
+            idx = torch.randperm(shape.vocab, generator=gen)[: B * T].view(B, T).to(device)
+        else:
+            idx = torch.randint(shape.vocab, (B, T), generator=gen).to(device)
+        wte, wpe = rand(shape.vocab, d, scale=0.02, param=True), rand(T, d, scale=0.02, param=True)
         kwargs = {"scale": 1.0 if o["ln"] else math.sqrt(d)}
         leaves = [wte, wpe]
         if o["ln"]:
-            kwargs["ln_weight"], kwargs["ln_bias"] = rand(d, scale=0.1, shift=1.0), rand(d, scale=0.1)
+            kwargs["ln_weight"], kwargs["ln_bias"] = rand(d, scale=0.1, shift=1.0, param=True), rand(d, scale=0.1, param=True)
             leaves += [kwargs["ln_weight"], kwargs["ln_bias"]]
         return Inputs((idx, wte, wpe), kwargs, leaves)
     if case.op == "fused_add_norm":
         x, z = rand(B, T, d), rand(B, T, d)
         args, leaves, kwargs = [x, z], [x, z], {}
         if o["post"]:
-            w, b = rand(d, scale=0.1, shift=1.0), rand(d, scale=0.1)
+            w, b = rand(d, scale=0.1, shift=1.0, param=True), rand(d, scale=0.1, param=True)
             args += [w, b]
             leaves += [w, b]
         if o["next"]:
-            kwargs["next_weight"], kwargs["next_bias"] = rand(d, scale=0.1, shift=1.0), rand(d, scale=0.1)
+            kwargs["next_weight"], kwargs["next_bias"] = rand(d, scale=0.1, shift=1.0, param=True), rand(d, scale=0.1, param=True)
             leaves += [kwargs["next_weight"], kwargs["next_bias"]]
         return Inputs(tuple(args), kwargs, leaves)
     if case.op == "fused_attention":
@@ -154,7 +178,7 @@ def make_inputs(case: Case, shape: Shape, dtype: torch.dtype, device="cpu", seed
         kwargs = {"softcap": o["softcap"]}
         leaves = [q, k, v]
         for name in o["norm"]:
-            pair = (rand(D, scale=0.1, shift=1.0), rand(D, scale=0.1))
+            pair = (rand(D, scale=0.1, shift=1.0, param=True), rand(D, scale=0.1, param=True))
             kwargs[f"{name}_norm"] = pair
             leaves += list(pair)
         return Inputs((q, k, v), kwargs, leaves)
@@ -245,7 +269,7 @@ def _with_norms(attend):
     """Apply the per-head q/k/v LayerNorms eagerly (F.layer_norm), then `attend` on (B, T, H, D)."""
 
     def fn(q, k, v, *, softcap=None, q_norm=None, k_norm=None, v_norm=None):
-        q, k, v = (t if p is None else F.layer_norm(t, (t.shape[-1],), p[0], p[1])
+        q, k, v = (t if p is None else F.layer_norm(t, (t.shape[-1],), p[0].to(t.dtype), p[1].to(t.dtype))
                    for t, p in ((q, q_norm), (k, k_norm), (v, v_norm)))
         return attend(q, k, v, softcap)
 
@@ -290,26 +314,29 @@ def _flash_attn(q, k, v, softcap):
 # --- unavoidable bytes and FLOPs ------------------------------------------------------------------
 
 
-def unavoidable_bytes(case: Case, shape: Shape, dtype: torch.dtype, idx_bytes: int = 8) -> dict[str, int]:
+def unavoidable_bytes(case: Case, shape: Shape, dtype: torch.dtype, param_dtype: torch.dtype | None = None,
+                      idx_bytes: int = 8) -> dict[str, int]:
     """Each input the math needs read once, each output written once, per pass.
 
     Backward reads the output gradients and whatever forward tensors the gradient formula needs
     (for LayerNorm the normalised input's source x, not the saved statistics, which could be
     recomputed), and writes each distinct input gradient once (x + z passes one gradient to both).
     """
-    a = torch.tensor([], dtype=dtype).element_size()
+    a, p = dtype.itemsize, (param_dtype or dtype).itemsize
+    if case.op == "fused_embedding":
+        a = p  # its output has its tables' dtype
     N, d = shape.tokens, shape.d
-    act, vec = N * d * a, d * a
+    act, vec = N * d * a, d * p
     o = case.options
     if case.op == "layer_norm":
         fwd = act + 2 * vec + act  # x, w, b -> y
         bwd = 2 * act + vec + act + 2 * vec  # dy, x, w -> dx, dw, db
     elif case.op == "fused_embedding":
-        rows = shape.B * shape.T * idx_bytes + act + shape.T * d * a  # idx, wte[idx], wpe[:T]
+        rows = shape.B * shape.T * idx_bytes + act + shape.T * d * p  # idx, wte[idx], wpe[:T]
         ln = 2 * vec if o["ln"] else 0
         fwd = rows + ln + act
         # de, idx, (for LN: the normalised input's source, one row per token) -> dwte (dense), dwpe, dw, db
-        bwd = act + N * idx_bytes + (act + vec if o["ln"] else 0) + shape.vocab * d * a + shape.T * d * a + ln
+        bwd = act + N * idx_bytes + (act + vec if o["ln"] else 0) + shape.vocab * d * p + shape.T * d * p + ln
     elif case.op == "fused_add_norm":
         post, nxt = o["post"], o["next"]
         fwd = 2 * act + (2 * vec if post else 0) + act + ((2 * vec + act) if nxt else 0)
@@ -329,7 +356,7 @@ def unavoidable_bytes(case: Case, shape: Shape, dtype: torch.dtype, idx_bytes: i
     elif case.op == "fused_attention":
         B, T, H, D = shape.B, shape.T, shape.H, shape.D
         t = B * T * H * D * a
-        norms = 2 * D * a * len(o["norm"])
+        norms = 2 * D * p * len(o["norm"])
         lse = B * H * T * 4
         fwd = 3 * t + norms + t
         bwd = 5 * t + norms + lse + 3 * t + norms  # q, k, v, o, do, lse -> dq, dk, dv, d(norm params)

@@ -49,14 +49,21 @@ def bytes_ratios(e: dict, mode: str) -> dict:
     attention = e["op"] == "fused_attention"
     target = (e["fa2"] or {}).get(mode) if attention else unavoidable
     kernel = e["triton"][mode]["total"] if e["triton"] else None
+    # An eager composition holding SDPA counts only that op's inputs and outputs: its internal
+    # re-reads are invisible at the dispatcher, so "kernel / eager" would mislead.
+    opaque = any("scaled_dot_product" in op for op in e["eager"][mode]["aten"])
     return {
         "unavoidable": unavoidable / n, "target": None if target is None else target / n, "eager": eager / n,
         "kernel": None if kernel is None else kernel / n,
         "vs_target": None if kernel is None or target is None else kernel / target,
-        "vs_eager": None if kernel is None else kernel / eager,
-        "best_vs_eager": None if target is None else target / eager,
-        "launches": [] if not e["triton"] else [l["kernel"] for l in e["triton"][mode]["launches"]],
+        "vs_eager": None if kernel is None or opaque else kernel / eager,
+        "best_vs_eager": None if target is None or opaque else target / eager,
+        "launches": [] if not e["triton"] else [f"{l['kernel']}[{l['grid'][0]}]" for l in e["triton"][mode]["launches"]],
     }
+
+
+def _ratio(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def bytes_table(data: dict) -> str:
@@ -67,11 +74,11 @@ def bytes_table(data: dict) -> str:
             model = "FA2 model" if e["op"] == "fused_attention" else "unavoidable"
             rows.append([f"`{e['case']}`", mode, _fmt(r["unavoidable"]), _fmt(r["target"]) if e["op"] == "fused_attention" else "",
                          _fmt(r["kernel"]) if e["triton"] else e["note"] or "—",
-                         f"{_fmt(r['vs_target'])}x {model}" if r["vs_target"] else "—",
-                         _fmt(r["eager"]), _fmt(r["vs_eager"]), _fmt(r["best_vs_eager"]),
+                         f"{_ratio(r['vs_target'])}x {model}" if r["vs_target"] else "—",
+                         _fmt(r["eager"]), _ratio(r["vs_eager"]), _ratio(r["best_vs_eager"]),
                          ", ".join(dict.fromkeys(r["launches"])) or ("—" if not e["triton"] else "no launch")])
     return _table(["case", "pass", "unavoidable B/token", "FA2 model B/token", "kernel B/token", "kernel vs target",
-                   "eager B/token", "kernel / eager", "best / eager", "kernels"], rows)
+                   "eager B/token", "kernel / eager", "best / eager", "kernels [programs]"], rows)
 
 
 def projection_table(data: dict, micro: list[dict]) -> str:
@@ -81,8 +88,8 @@ def projection_table(data: dict, micro: list[dict]) -> str:
     rows = []
     for e in data.get("bytes", []):
         case = _case(e["case"])
-        label = case.shape_label(PROJECTION, torch.bfloat16)
-        need = ops.unavoidable_bytes(case, PROJECTION, torch.bfloat16)
+        label = case.shape_label(PROJECTION, ops.TRAINING_DTYPE, ops.TRAINING_PARAM_DTYPE)
+        need = ops.unavoidable_bytes(case, PROJECTION, ops.TRAINING_DTYPE, ops.TRAINING_PARAM_DTYPE)
         flops = ops.attention_flops(PROJECTION) if case.op == "fused_attention" else None
         for mode in PASSES:
             r = bytes_ratios(e, mode)
@@ -384,14 +391,17 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Pa
         "",
         "## Bytes moved (measured on CPU)",
         "",
-        "Kernel bytes: every load and store of the Triton kernels under the instrumented interpreter, plus the "
-        "PyTorch ops their launchers run. LayerNorm-family kernels are counted with each distinct address "
-        "once per launch (re-reads of a row by its own program, or of the (d,) weights every program shares, "
-        "hit cache); attention counts every requested byte (no cache), as FlashAttention-2's model "
-        "(K and V re-read once per query block, for the kernel's block sizes) does. Eager: each aten op's "
-        "inputs and outputs at the dispatcher. Unavoidable: each input read once, each output written once. "
-        "\"best / eager\" is the ratio a perfect fusion reaches. Requested bytes equal DRAM traffic only "
-        "without cache reuse.",
+        "Kernel bytes: every load and store the Triton kernels request under the instrumented interpreter "
+        "(masked-off lanes excluded), the op's weights (the (d,) / (D,) vectors every program reads, the "
+        "embedding tables) counted once per launch since they stay in L2, plus the PyTorch ops the launchers "
+        "run (allocation, partial-sum reductions, casts). Requested bytes equal DRAM traffic only without "
+        "cache reuse: the standard model, and FlashAttention-2's (K and V re-read once per query block, "
+        "computed for the block sizes the kernel used). Eager: each aten op's inputs and outputs at the "
+        "dispatcher (an op's own temporaries are invisible there, and an eager composition holding SDPA is "
+        "not compared). Unavoidable: each input read once, each output written once. \"best / eager\" is the "
+        "ratio a perfect fusion reaches. The launch grids are the interpreter's: a launcher that sizes a "
+        "grid from the GPU's SM count (fp32 partial sums of weight gradients, one row per program) moves "
+        "more fixed bytes on a GPU than counted here.",
         "",
         f"Shapes: {'; '.join(cost_shapes) or 'not run'} (bytes per token scale linearly with the tokens).",
         "",
@@ -399,7 +409,8 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Pa
         "",
         "## Projected time on H100 (a projection, not a measurement)",
         "",
-        f"At `{PROJECTION.B} x {PROJECTION.T}` tokens, d = {PROJECTION.d}, heads of {PROJECTION.D}, bf16: the measured "
+        f"At `{PROJECTION.B} x {PROJECTION.T}` tokens, d = {PROJECTION.d}, heads of {PROJECTION.D}, bf16 activations and "
+        "fp32 weights: the measured "
         "bytes ratios applied to this shape, over 3.35 TB/s (memory-bound ops); attention takes the larger of "
         "its bytes time and its FLOPs over 989 TFLOP/s. Measured H100 columns fill in once "
         "`python -m benchmarks.microbench` has run on an H100.",
@@ -408,7 +419,8 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Pa
         "",
         "## Activation memory per block",
         "",
-        f"Saved for backward per token (saved_tensors_hooks; parameters excluded, shared storages once), "
+        f"Saved for backward per token (saved_tensors_hooks on a fake-tensor forward, which saves what a real one "
+        f"does; parameters excluded, shared storages once), "
         f"d = {data.get('activation', {}).get('d', '—')}, T = {data.get('activation', {}).get('T', '—')}, "
         f"{data.get('activation', {}).get('dtype', '')}, training mode, dropout 0.",
         "",

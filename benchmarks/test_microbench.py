@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks/test_microbench.py --benchmark-only [-k "fused_attention and forward"]
 
-One GPT-2 small shape per op (B=8, T=1024, d=768, heads of 64, bf16) on CUDA; a small fp32 one
+One GPT-2 small shape per op (B=8, T=1024, d=768, heads of 64, bf16 with fp32 weights) on CUDA; a small fp32 one
 on CPU, where the Triton provider is skipped (interpreter timings mean nothing).
 STABLEBLOCKS_BENCH_SHAPE="B=1 T=64 d=64 D=32" overrides the shape.
 """
@@ -15,7 +15,8 @@ import torch
 from benchmarks import ops, results
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+DTYPE = ops.TRAINING_DTYPE if DEVICE == "cuda" else torch.float32
+PARAM_DTYPE = ops.TRAINING_PARAM_DTYPE
 _shape = dict(B=8, T=1024, d=768, D=64) if DEVICE == "cuda" else dict(B=1, T=128, d=768, D=64)
 _shape.update(results.parse_shape(os.environ.get("STABLEBLOCKS_BENCH_SHAPE", "")))
 SHAPE = ops.Shape(**_shape)
@@ -31,12 +32,12 @@ def test_op(benchmark, case, provider, mode):
         pytest.skip(why)
     if not case.valid(SHAPE):
         pytest.skip(f"head width {SHAPE.D} does not divide d = {SHAPE.d}")
-    step = ops.step_fn(ops.provider_fn(case, provider, DEVICE), ops.make_inputs(case, SHAPE, DTYPE, DEVICE), mode)
+    step = ops.step_fn(ops.provider_fn(case, provider, DEVICE), ops.make_inputs(case, SHAPE, DTYPE, DEVICE, param_dtype=PARAM_DTYPE), mode)
     fn = step
     if DEVICE == "cuda":
         def fn():
             step()
             torch.cuda.synchronize()
-    benchmark.extra_info.update(shape=case.shape_label(SHAPE, DTYPE), device=results.device_name(DEVICE),
-                                unavoidable_bytes=ops.unavoidable_bytes(case, SHAPE, DTYPE)[mode])
+    benchmark.extra_info.update(shape=case.shape_label(SHAPE, DTYPE, PARAM_DTYPE), device=results.device_name(DEVICE),
+                                unavoidable_bytes=ops.unavoidable_bytes(case, SHAPE, DTYPE, PARAM_DTYPE)[mode])
     benchmark(fn)
