@@ -50,20 +50,26 @@ def kernel_modules() -> dict[str, object | None]:
 
 
 def jobs_for(module) -> list:
-    """The module's aot_configs() (CompileJobs, or their fields as dicts; the module defaults to this
-    one) for both archs: each job's arch is replaced by 80 and 90."""
+    """The module's aot_configs(): CompileJobs, or their fields as dicts (the module defaulting to
+    this one). Jobs that name both archs are kept as they are (block sizes may differ per arch);
+    otherwise each job is compiled for sm_80 and sm_90a."""
     from stableblocks.kernels import aot
 
     if not hasattr(module, "aot_configs"):
         raise RuntimeError(f"{module.__name__} has no aot_configs(): the report compiles what that function lists")
-    jobs = []
+    jobs, archs = [], set()
     for job in module.aot_configs():
-        job = job if isinstance(job, aot.CompileJob) else aot.CompileJob(**{"module": module.__name__, **job})
-        for arch in ARCHS:
-            new = dataclasses.replace(job, arch=arch)
-            if new not in jobs:
-                jobs.append(new)
-    return jobs
+        if isinstance(job, dict):
+            archs |= {job["arch"]} if "arch" in job else set()
+            job = aot.CompileJob(**{"module": module.__name__, **job})
+        elif not isinstance(job, aot.CompileJob):
+            raise TypeError(f"{module.__name__}.aot_configs(): expected CompileJobs or dicts, got {type(job).__name__}")
+        else:
+            archs.add(job.arch)
+        jobs.append(job)
+    if not set(ARCHS) <= archs:
+        jobs = [dataclasses.replace(job, arch=arch) for job in jobs for arch in ARCHS]
+    return [job for i, job in enumerate(jobs) if job not in jobs[:i]]
 
 
 def compile_jobs(jobs: list, timeout: float = 1800.0) -> list[dict]:
@@ -87,6 +93,10 @@ def report(progress=None) -> tuple[list[dict], list[str]]:
             continue
         if progress:
             progress(f"compile {op}")
-        for stats in compile_jobs(jobs_for(module)):
-            rows.append({"op": op, **stats})
+        try:
+            stats = compile_jobs(jobs_for(module))
+        except (RuntimeError, TypeError, subprocess.TimeoutExpired) as exc:  # reported, and the other ops still run
+            notes.append(f"{op}: compile report failed: {str(exc).strip().splitlines()[-1][:300]}")
+            continue
+        rows += [{"op": op, **s} for s in stats]
     return rows, notes

@@ -2,6 +2,7 @@
 construction, and every benchmark command on tiny shapes."""
 
 import csv
+import dataclasses
 import json
 import math
 import types
@@ -233,6 +234,8 @@ def test_compile_report_finds_tensor_core_instructions():
         constexprs={"BM": 64, "BN": 64, "BK": 64})])
     jobs = compile_report.jobs_for(module)
     assert [j.arch for j in jobs] == [80, 90]
+    per_arch = types.SimpleNamespace(__name__="toy", aot_configs=lambda: [dataclasses.replace(jobs[0], num_warps=8), jobs[1]])
+    assert compile_report.jobs_for(per_arch) == [dataclasses.replace(jobs[0], num_warps=8), jobs[1]]  # kept per arch
     stats = compile_report.compile_jobs(jobs)
     assert [(s["arch"], s["mma"]) for s in stats] == [("sm_80", ["HMMA"]), ("sm_90a", ["HGMMA"])]
     assert all(s["spill_stores"] == s["spill_loads"] == 0 for s in stats)
