@@ -436,7 +436,7 @@ def measure(case: ops.Case, shape: ops.Shape, dtype=torch.float32, param_dtype=N
     if not case.has_kernel():
         result.note = "no kernel yet"
         return result
-    result.triton = count_passes(ops._PUBLIC[case.op], inputs, triton=True)
+    result.triton = count_passes(ops.PUBLIC[case.op], inputs, triton=True)
     if case.op == "fused_attention":
         result.blocks = attention_blocks(result.triton["forward"].launches)
         if result.blocks is None:

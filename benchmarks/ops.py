@@ -187,7 +187,7 @@ def _make(case: Case, shape: Shape, rand, gen, device) -> Inputs:
 
 # --- providers ----------------------------------------------------------------------------------
 
-_PUBLIC = {"layer_norm": layer_norm, "fused_embedding": fused_embedding, "fused_add_norm": fused_add_norm,
+PUBLIC = {"layer_norm": layer_norm, "fused_embedding": fused_embedding, "fused_add_norm": fused_add_norm,
            "fused_attention": fused_attention}
 
 
@@ -242,7 +242,7 @@ def provider_fn(case: Case, provider: str, device: str):
     if why:
         raise Unavailable(why)
     if provider == "triton":
-        public = _PUBLIC[case.op]
+        public = PUBLIC[case.op]
 
         def triton_fn(*args, **kwargs):
             previous = backend.get_backend()

@@ -278,7 +278,7 @@ def microbench_table(rows: list[dict]) -> str:
             out.append([f"`{r['op']}`", r["provider"], r["mode"], r["shape"] or "all", "—", "—", r["note"]])
             continue
         tp = rate.get(key)
-        rate_text = f"{tp['p50']:.1f} {tp['unit']}" if tp else "—"
+        rate_text = f"{tp['p50']:.3g} {tp['unit']}" if tp else "—"
         out.append([f"`{r['op']}`", r["provider"], r["mode"], r["shape"], f"{r['p50']:.4g} ({r['p20']:.4g}–{r['p80']:.4g})",
                     rate_text, r["note"]])
     return _table(["case", "provider", "mode", "shape", "ms median (p20–p80)", "rate", "note"], out)
@@ -328,10 +328,12 @@ def plot_microbench(rows: list[dict], out: Path) -> list[Path]:
                     ax.set_ylabel(group[0]["unit"], fontsize=8)
                 if i == len(modes) - 1:
                     ax.set_xlabel("T", fontsize=8)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper right", fontsize=8)
+        labels = {}
+        for ax in axes.flat:
+            labels |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+        fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=len(labels), fontsize=8)
         fig.suptitle(f"{op} on {device}", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 0.92, 0.95))
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
         path = out / f"microbench_{_slug(device)}_{_slug(op)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
