@@ -15,11 +15,14 @@ minutes. tests/test_benchmarks.py checks that fake and real runs save the same b
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 import stableblocks as sb
 from stableblocks.kernels import backend
@@ -27,23 +30,10 @@ from stableblocks.kernels import backend
 from . import ops
 
 
-class _OpsSeen(TorchDispatchMode):
-    """Records the stableblocks custom ops (the Triton kernels' entry points) that are called."""
-
-    def __init__(self, seen: set):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "stableblocks":
-            self.seen.add(func.name().split("::")[1])
-        return func(*args, **(kwargs or {}))
-
-
 def saved_bytes(module: torch.nn.Module, *args, fake: bool = True, seen_ops: set | None = None, **kwargs) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in module(*args, **kwargs),
     on fake tensors (nothing computed) or, with fake=False, real ones. `seen_ops` collects the
-    stableblocks custom ops called."""
+    stableblocks custom ops in the autograd graph (the Triton kernels' entry points)."""
     state = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
     context = contextlib.nullcontext()
     if fake:
@@ -59,10 +49,27 @@ def saved_bytes(module: torch.nn.Module, *args, fake: bool = True, seen_ops: set
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    seen = _OpsSeen(set() if seen_ops is None else seen_ops)
-    with context, seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.func.functional_call(module, state, args, kwargs)
+    with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = torch.func.functional_call(module, state, args, kwargs)
+    if seen_ops is not None:
+        seen_ops |= _custom_ops_in_graph(out)
     return sum(saved.values())
+
+
+def _custom_ops_in_graph(out) -> set[str]:
+    """Names of the stableblocks custom ops whose backward nodes are in out's autograd graph."""
+    names, seen = set(), set()
+    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found = re.fullmatch(r"GeneratedBackwardFor_stableblocks_(\w+?)_default(?:Backward)?", type(node).__name__)
+        if found:
+            names.add(found.group(1))
+        stack += [f for f, _ in node.next_functions]
+    return names
 
 
 def stable_block(recipe: str, d: int, n_head: int, T: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -70,7 +77,19 @@ def stable_block(recipe: str, d: int, n_head: int, T: int, dtype: torch.dtype) -
     return sb.StableBlock(cfg).to(dtype).train()
 
 
+def _alias_kernels_package() -> None:
+    """transformers probes for Hugging Face's `kernels` package by importing any top-level `kernels`
+    it can find; run from the repository root, that is this project's kernels/ folder, imported a
+    second time under another name, whose Triton modules then re-register the stableblocks custom
+    ops and leave the first registration's handles dangling (crashes). Point the name at the
+    package already imported; a real `kernels` package elsewhere is left alone."""
+    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == Path(sb.kernels.__file__).resolve():
+        sys.modules["kernels"] = sb.kernels
+
+
 def hf_block(attn_implementation: str, d: int, n_head: int, T: int, dtype: torch.dtype) -> torch.nn.Module:
+    _alias_kernels_package()
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 

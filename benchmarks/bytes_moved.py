@@ -276,7 +276,7 @@ class AtenTraffic(TorchDispatchMode):
             self.custom_ops.append(func.name())
             device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
             key = torch._C.DispatchKey.CUDA if device is not None and device.type == "cuda" else torch._C.DispatchKey.CPU
-            with self:  # count the aten ops inside the custom op's body
+            with self:  # run the op's kernel for this device with the mode on: its aten ops are counted
                 return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
         out = func(*args, **kwargs)
         read, write = self._bytes(func, args, kwargs, out)

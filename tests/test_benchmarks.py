@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 import types
 from pathlib import Path
 
@@ -217,6 +218,8 @@ def test_activation_memory_blocks():
         assert got["StableBlock:gpt2", "triton"]["note"] == "no kernel yet"
     else:  # the Triton path really took the kernels' ops
         assert got["StableBlock:gpt2", "triton"]["note"].startswith("kernel ops: ") and "none" not in got["StableBlock:gpt2", "triton"]["note"]
+    # Building HF's block probed for a top-level `kernels` package without importing kernels/ twice.
+    assert not [m for m in sys.modules if m.startswith("kernels.")]
     # HF's eager attention keeps the (H, T, T) probabilities: H * T bf16 values per token more than SDPA.
     gap = got["hf:GPT2Block", "eager"]["bytes_per_token"] - got["hf:GPT2Block", "sdpa"]["bytes_per_token"]
     assert gap == pytest.approx(H * T * 2, rel=0.1)
