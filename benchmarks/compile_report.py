@@ -1,0 +1,102 @@
+"""Static compile report, no GPU needed: every kernel at the block sizes its launcher picks, for
+sm_80 and sm_90a: registers per thread, spill bytes, shared memory, the occupancy those imply,
+and which tensor-core instructions the SASS holds (HMMA on sm_80, HGMMA = wgmma on sm_90a).
+
+What to compile comes from each kernel module's ``aot_configs()`` (the list its AOT test uses);
+compilation runs in one child interpreter without TRITON_INTERPRET (stableblocks.kernels.aot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import ops
+
+ARCHS = (80, 90)
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in the child: compile each job with stableblocks.kernels.aot and keep the tensor-core
+# mnemonics found in the SASS it disassembles.
+_WORKER = r"""
+import dataclasses, json, re, sys
+from stableblocks.kernels import aot
+sass = []
+disassemble = aot._disassemble
+aot._disassemble = lambda cubin: sass.append(disassemble(cubin)) or sass[-1]
+out = []
+for job in json.load(sys.stdin):
+    sass.clear()
+    stats = dataclasses.asdict(aot._compile_job(aot._absolute_module(aot.CompileJob(**job))))
+    stats["mma"] = sorted(set(re.findall(r"\b(HMMA|HGMMA|IMMA|IGMMA|QGMMA|BGMMA|DMMA)\b", "".join(sass))))
+    out.append(stats)
+sys.stdout.write("\n" + json.dumps(out) + "\n")
+"""
+
+
+def kernel_modules() -> dict[str, object | None]:
+    """op -> its Triton module (None when the op has no kernel yet)."""
+    out = {}
+    for op in ops.OPS:
+        name = f"stableblocks.kernels.{op}_triton"
+        out[op] = importlib.import_module(name) if importlib.util.find_spec(name) else None
+    return out
+
+
+def jobs_for(module) -> list:
+    """The module's aot_configs(): CompileJobs, or their fields as dicts (the module defaulting to
+    this one). Jobs that name both archs are kept as they are (block sizes may differ per arch);
+    otherwise each job is compiled for sm_80 and sm_90a."""
+    from stableblocks.kernels import aot
+
+    if not hasattr(module, "aot_configs"):
+        raise RuntimeError(f"{module.__name__} has no aot_configs(): the report compiles what that function lists")
+    jobs, archs = [], set()
+    for job in module.aot_configs():
+        if isinstance(job, dict):
+            archs |= {job["arch"]} if "arch" in job else set()
+            job = aot.CompileJob(**{"module": module.__name__, **job})
+        elif not isinstance(job, aot.CompileJob):
+            raise TypeError(f"{module.__name__}.aot_configs(): expected CompileJobs or dicts, got {type(job).__name__}")
+        else:
+            archs.add(job.arch)
+        jobs.append(job)
+    if not set(ARCHS) <= archs:
+        jobs = [dataclasses.replace(job, arch=arch) for job in jobs for arch in ARCHS]
+    return [job for i, job in enumerate(jobs) if job not in jobs[:i]]
+
+
+def compile_jobs(jobs: list, timeout: float = 1800.0) -> list[dict]:
+    """Compile in one child process; one dict per job (CompileStats fields + "mma")."""
+    if not jobs:
+        return []
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps([dataclasses.asdict(j) for j in jobs]),
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile report child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(progress=None) -> tuple[list[dict], list[str]]:
+    """(rows, notes): one row per compiled kernel and arch; a note per op without a kernel."""
+    rows, notes = [], []
+    for op, module in kernel_modules().items():
+        if module is None:
+            notes.append(f"{op}: no kernel yet")
+            continue
+        if progress:
+            progress(f"compile {op}")
+        try:
+            stats = compile_jobs(jobs_for(module))
+        except (RuntimeError, TypeError, subprocess.TimeoutExpired) as exc:  # reported, and the other ops still run
+            notes.append(f"{op}: compile report failed: {str(exc).strip().splitlines()[-1][:300]}")
+            continue
+        rows += [{"op": op, **s} for s in stats]
+    return rows, notes

@@ -1,0 +1,95 @@
+"""The results CSVs: one schema for timings and cost-model numbers, appended run after run."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ("op", "provider", "mode", "shape", "metric", "unit", "p50", "p20", "p80", "device", "versions",
+           "timestamp", "note")
+
+
+def versions() -> str:
+    import triton
+
+    import stableblocks
+
+    return f"torch {torch.__version__}; triton {triton.__version__}; stableblocks {stableblocks.__version__}"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def row(op, provider, mode, shape, metric, unit, p50=None, p20=None, p80=None, *, device, versions, timestamp,
+        note="") -> dict:
+    return dict(op=op, provider=provider, mode=mode, shape=shape, metric=metric, unit=unit, p50=p50, p20=p20, p80=p80,
+                device=device, versions=versions, timestamp=timestamp, note=note)
+
+
+def append(path: Path, rows: list[dict]) -> None:
+    """Append rows (header first when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("p50", "p20", "p80"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    return rows
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The last row for each (op, provider, mode, shape, metric, device), in first-seen order."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        out[r["op"], r["provider"], r["mode"], r["shape"], r["metric"], r["device"]] = r
+    return list(out.values())
+
+
+def parse_shape(label: str) -> dict:
+    """"B=8 T=1024 d=768 bf16" -> {"B": 8, "T": 1024, "d": 768, "dtype": "bf16"}."""
+    out = {}
+    for part in label.split():
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k] = int(v) if v.isdigit() else v
+        else:
+            out["dtype"] = part
+    return out

@@ -1,0 +1,127 @@
+"""CPU training throughput, measured in one process with the contenders interleaved.
+
+- StableGPT's reference path against nanoGPT's plain GPT-2 (benchmarks/nanogpt.py) of the same
+  shape, same batches, same optimizer settings: tokens/s per repeat, medians and the ratio.
+- The diagnostics' overhead in the training command: tokens/s with and without them.
+
+The machine may be shared: each repeat runs every contender once, in a rotating order, and the
+report uses medians over repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import stableblocks as sb
+from stableblocks import data
+
+from . import nanogpt
+
+# The training command's small default shape (stableblocks train).
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, vocab_size=256)
+
+
+def _models(shape: dict, recipes) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    cfg = nanogpt.GPTConfig(block_size=shape["block_size"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
+                            n_head=shape["n_head"], n_embd=shape["n_embd"])
+    model = nanogpt.GPT(cfg)
+    out["nanogpt"] = (model, model.configure_optimizers(0.1, 1e-3))
+    for recipe in recipes:
+        torch.manual_seed(0)
+        cfg = sb.recipe(recipe, vocab_size=shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
+                        n_embd=shape["n_embd"], block_size=shape["block_size"])
+        model = sb.StableGPT(cfg)
+        out[f"stablegpt:{recipe}"] = (model, model.configure_optimizers(0.1, 1e-3))
+    return out
+
+
+def _train(model, opt, batches) -> None:
+    for x, y in batches:
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def _summary(values: list[float]) -> dict:
+    return {"p50": statistics.median(values), "p20": float(np.percentile(values, 20)),
+            "p80": float(np.percentile(values, 80)), "runs": values}
+
+
+def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), steps: int = 10, repeats: int = 5,
+                        warmup: int = 2, progress=None) -> dict:
+    """{contender: {p50, p20, p80, runs}} in tokens/s, plus "ratio:<recipe>" = median over repeats of
+    (StableGPT tokens/s / nanoGPT tokens/s in the same repeat)."""
+    shape = dict(SHAPE if shape is None else shape)
+    previous = sb.get_backend()
+    sb.set_backend("reference")
+    try:
+        models = _models(shape, recipes)
+        tokens = data.byte_tokens(data.bundled_text()[:1_000_000])
+        gen = torch.Generator().manual_seed(0)
+        batches = [tuple(t.contiguous() for t in data.get_batch(tokens, shape["batch_size"], shape["block_size"], gen))
+                   for _ in range(steps)]
+        for model, opt in models.values():
+            _train(model, opt, batches[:warmup])
+        names = list(models)
+        runs = {name: [] for name in names}
+        for r in range(repeats):
+            if progress:
+                progress(f"throughput repeat {r + 1}/{repeats}")
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                _train(*models[name], batches)
+                runs[name].append(steps * shape["batch_size"] * shape["block_size"] / (time.perf_counter() - t0))
+    finally:
+        sb.set_backend(previous)
+    out = {name: _summary(v) for name, v in runs.items()}
+    for recipe in recipes:
+        out[f"ratio:{recipe}"] = _summary([s / n for s, n in zip(runs[f"stablegpt:{recipe}"], runs["nanogpt"])])
+    out["shape"] = shape
+    return out
+
+
+def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> dict:
+    """Tokens/s of the training command (stableblocks.train.run) with diagnostics at their default
+    interval, every step, and off; interleaved; the command's own tokens/s (its step time includes
+    the diagnostics). {"status": "pending: ..."} while train has no run(TrainConfig) with diag_interval.
+    """
+    from stableblocks import train
+
+    config = getattr(train, "TrainConfig", None)
+    names = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    if "diag_interval" not in names or not hasattr(train, "run"):
+        return {"status": "pending: stableblocks.train has no run(TrainConfig) with diag_interval yet"}
+    variants = {"default": names["diag_interval"].default, "every step": 1, "off": 0}
+    runs = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp,
+                    batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
+        base = {k: v for k, v in base.items() if k in names}
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            train.run(config(**base, diag_interval=0))  # one-time costs (corpus cache, first allocations)
+        order = list(variants)
+        for r in range(repeats):
+            if progress:
+                progress(f"diagnostics overhead repeat {r + 1}/{repeats}")
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    summary = train.run(config(**base, diag_interval=variants[name]))
+                runs[name].append(summary["tokens_per_s"])
+    out = {name: _summary(v) for name, v in runs.items()}
+    for name in ("default", "every step"):
+        out[f"ratio:{name}"] = _summary([w / o for w, o in zip(runs[name], runs["off"])])
+    out["interval"] = variants["default"]
+    out["status"] = "measured"
+    return out
