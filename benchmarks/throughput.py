@@ -68,9 +68,9 @@ def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), s
     sb.set_backend("reference")
     try:
         models = _models(shape, recipes)
-        tokens = data.byte_tokens(data.bundled_text()[:1_000_000])
+        stream = data.load("bundled", "byte").train
         gen = torch.Generator().manual_seed(0)
-        batches = [tuple(t.contiguous() for t in data.get_batch(tokens, shape["batch_size"], shape["block_size"], gen))
+        batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
                    for _ in range(steps)]
         for model, opt in models.values():
             _train(model, opt, batches[:warmup])
