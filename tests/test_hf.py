@@ -76,7 +76,7 @@ def test_bare_gpt2model_and_bf16():
     assert half(x).logits.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["wesar", "qk-fc-norm", "stable", "embed-ln"])
+@pytest.mark.parametrize("name", ["wesar", "qk-fc-norm", "qkv-norm", "embed-ln"])
 def test_added_parameters_start_at_identity(name):
     original = gpt2()
     model = patch_gpt2(copy.deepcopy(original), name)
@@ -86,8 +86,8 @@ def test_added_parameters_start_at_identity(name):
     added = [m for m in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.v_norm, blk.post_norm_attn, blk.post_norm_mlp,
                          model.transformer.ln_embed) if m is not None]
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in added)
-    assert len(added) == {"wesar": 0, "qk-fc-norm": 4, "stable": 3, "embed-ln": 1}[name]
-    if name == "stable":  # qkv-norm: no attention pre-norm
+    assert len(added) == {"wesar": 0, "qk-fc-norm": 4, "qkv-norm": 3, "embed-ln": 1}[name]
+    if name == "qkv-norm":  # no attention pre-norm
         assert blk.ln_1 is None and model.config.stableblocks["qkv_norm"]
     if name == "wesar":  # gates at 1 and an untied copy of the head: the same logits
         gates = [m.gate for m in model.modules() if getattr(m, "gate", None) is not None]

@@ -151,6 +151,7 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.get_cmap("tab20").colors)  # 12 variants, 12 colours
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in table:
