@@ -105,6 +105,8 @@ def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> di
         return {"status": "pending: stableblocks.train has no run(TrainConfig) with diag_interval yet"}
     variants = {"default": names["diag_interval"].default, "every step": 1, "off": 0}
     runs = {name: [] for name in variants}
+    previous = sb.get_backend()
+    sb.set_backend("reference")  # the CPU training path, whatever TRITON_INTERPRET says
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp,
                     batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
@@ -119,6 +121,7 @@ def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> di
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     summary = train.run(config(**base, diag_interval=variants[name]))
                 runs[name].append(summary["tokens_per_s"])
+    sb.set_backend(previous)
     out = {name: _summary(v) for name, v in runs.items()}
     for name in ("default", "every step"):
         out[f"ratio:{name}"] = _summary([w / o for w, o in zip(runs[name], runs["off"])])

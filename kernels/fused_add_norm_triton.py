@@ -126,7 +126,8 @@ def _add_norm_bwd(
             dnw += tl.sum(dn * yhat, axis=0)
             dnb += tl.sum(dn, axis=0)
             g += normalize_backward(dn * nw[None, :], yhat, rstd_y, col_ok, width)
-        tl.store(DX + row[:, None] * width + col[None, :], cast_rtne(g, DX.dtype.element_ty), mask=ok)
+        if HAS_NEXT:  # otherwise dx is dy itself: the caller passes dy on, nothing to write
+            tl.store(DX + row[:, None] * width + col[None, :], cast_rtne(g, DX.dtype.element_ty), mask=ok)
         if HAS_POST:
             z = tl.load(Z + row[:, None] * stride_z + col[None, :], mask=ok, other=0.0).to(tl.float32)
             mean_z = tl.load(MeanZ + row, mask=row_ok, other=0.0)
@@ -218,7 +219,8 @@ def fused_add_norm_bwd(
     check_runnable(y)
     n_rows, width = y.numel() // y.shape[-1], y.shape[-1]
     dev = y.device
-    dx = torch.empty(y.shape, dtype=x_dtype, device=dev)
+    # Without a next norm dx is dy: empty here, the autograd backward passes dy on.
+    dx = torch.empty(y.shape, dtype=x_dtype, device=dev) if next_weight is not None else empty(dev)
     dz = torch.empty(y.shape, dtype=z.dtype, device=dev) if weight is not None else empty(dev)
     block_m, block_n, num_warps = tile(width, backward=True)
     programs = partial_programs(n_rows, block_m, dev)
@@ -242,7 +244,7 @@ def fused_add_norm_bwd(
 
 @fused_add_norm_bwd.register_fake
 def _(dy, dn, z, y, weight, bias, next_weight, next_bias, mean_z, rstd_z, mean_y, rstd_y, x_dtype):
-    dx = torch.empty(y.shape, dtype=x_dtype, device=y.device)
+    dx = torch.empty(y.shape, dtype=x_dtype, device=y.device) if next_weight is not None else empty(y.device)
     grads = [empty(y.device) if t is None else torch.empty_like(t) for t in (weight, bias, next_weight, next_bias)]
     return dx, torch.empty(y.shape, dtype=z.dtype, device=y.device) if weight is not None else empty(y.device), *grads
 
@@ -265,6 +267,8 @@ def _backward(ctx, dy, dn, *_dstats):
     dx, dz, dw, db, dnw, dnb = fused_add_norm_bwd(
         dy, dn if next_weight is not None else None, z, y if y is not None else z, weight, bias, next_weight,
         next_bias, *stats, ctx.x_dtype)
+    if next_weight is None:
+        dx = dy.to(ctx.x_dtype)
     return (dx, dz if weight is not None else dx, *(None if t is None else g for t, g in
                                                    ((weight, dw), (bias, db), (next_weight, dnw), (next_bias, dnb))),
             None)

@@ -1,9 +1,12 @@
 """Test set-up: Triton's interpreter for CPU kernel tests, the reference backend by default."""
 
 import os
+import tempfile
 
 # Must precede any import of triton: kernels then run on CPU tensors in numpy.
 os.environ["TRITON_INTERPRET"] = "1"
+# A fresh Inductor cache per run: its FX-graph cache does not see a changed custom-op schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="stableblocks-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
