@@ -104,16 +104,6 @@ def hf_causal_mask(T: int, dtype: torch.dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-@contextlib.contextmanager
-def _backend(name: str):
-    previous = backend.get_backend()
-    backend.set_backend(name)
-    try:
-        yield
-    finally:
-        backend.set_backend(previous)
-
-
 def measure(recipes=None, d: int = 768, n_head: int = 12, T: int = 1024, B: int = 1,
             dtype: torch.dtype = torch.bfloat16, triton: bool = True, progress=None) -> list[dict]:
     """Rows of {block, backend, bytes_per_token, note}: StableBlock per recipe and backend, HF GPT2Block.
@@ -142,13 +132,13 @@ def measure(recipes=None, d: int = 768, n_head: int = 12, T: int = 1024, B: int 
             if not backend.interpreting():
                 raise RuntimeError("the Triton backend on CPU needs TRITON_INTERPRET=1 before triton is imported")
             seen = set()
-            with _backend("auto"):
+            with backend.using("auto"):
                 n = saved_bytes(block, x, seen_ops=seen)
             missing = sorted(set(ops.OPS) - backend.KERNELS)
             note = f"kernel ops: {', '.join(sorted(seen)) or 'none'}" + (
                 f"; reference for {', '.join(missing)} (no kernel yet)" if missing else "")
         else:
-            with _backend("reference"):
+            with backend.using("reference"):
                 n = saved_bytes(block, x)
         rows.append({"block": f"StableBlock:{recipe}", "backend": which, "bytes_per_token": n / tokens, "note": note})
     for impl in ("eager", "sdpa"):

@@ -326,20 +326,10 @@ class PassBytes:
         return self.kernel_modeled + self.torch_bytes
 
 
-@contextlib.contextmanager
-def _backend(name: str):
-    previous = backend.get_backend()
-    backend.set_backend(name)
-    try:
-        yield
-    finally:
-        backend.set_backend(previous)
-
-
 def count_passes(fn, inputs: ops.Inputs, triton: bool) -> dict[str, PassBytes]:
     """Run fn forward, then backward, counting each pass's bytes."""
     result = {}
-    with _backend("triton" if triton else "reference"):
+    with backend.using("triton" if triton else "reference"):
         for mode in ("forward", "backward"):
             kernels = TritonTraffic(inputs.weights) if triton else contextlib.nullcontext()
             aten = AtenTraffic()

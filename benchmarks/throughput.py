@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import stableblocks as sb
+from stableblocks.kernels import backend
 from stableblocks import data
 
 from . import nanogpt
@@ -64,9 +65,7 @@ def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), s
     """{contender: {p50, p20, p80, runs}} in tokens/s, plus "ratio:<recipe>" = median over repeats of
     (StableGPT tokens/s / nanoGPT tokens/s in the same repeat)."""
     shape = dict(SHAPE if shape is None else shape)
-    previous = sb.get_backend()
-    sb.set_backend("reference")
-    try:
+    with backend.using("reference"):
         models = _models(shape, recipes)
         stream = data.load("bundled", "byte").train
         gen = torch.Generator().manual_seed(0)
@@ -83,8 +82,6 @@ def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), s
                 t0 = time.perf_counter()
                 _train(*models[name], batches)
                 runs[name].append(steps * shape["batch_size"] * shape["block_size"] / (time.perf_counter() - t0))
-    finally:
-        sb.set_backend(previous)
     out = {name: _summary(v) for name, v in runs.items()}
     for recipe in recipes:
         out[f"ratio:{recipe}"] = _summary([s / n for s, n in zip(runs[f"stablegpt:{recipe}"], runs["nanogpt"])])
@@ -105,23 +102,22 @@ def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> di
         return {"status": "pending: stableblocks.train has no run(TrainConfig) with diag_interval yet"}
     variants = {"default": names["diag_interval"].default, "every step": 1, "off": 0}
     runs = {name: [] for name in variants}
-    previous = sb.get_backend()
-    sb.set_backend("reference")  # the CPU training path, whatever TRITON_INTERPRET says
-    with tempfile.TemporaryDirectory() as tmp:
-        base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp,
-                    batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
-        base = {k: v for k, v in base.items() if k in names}
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            train.run(config(**base, diag_interval=0))  # one-time costs (corpus cache, first allocations)
-        order = list(variants)
-        for r in range(repeats):
-            if progress:
-                progress(f"diagnostics overhead repeat {r + 1}/{repeats}")
-            for name in order[r % len(order):] + order[: r % len(order)]:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    summary = train.run(config(**base, diag_interval=variants[name]))
-                runs[name].append(summary["tokens_per_s"])
-    sb.set_backend(previous)
+    # The CPU training path, whatever TRITON_INTERPRET says.
+    with backend.using("reference"):
+        with tempfile.TemporaryDirectory() as tmp:
+            base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp,
+                        batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
+            base = {k: v for k, v in base.items() if k in names}
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                train.run(config(**base, diag_interval=0))  # one-time costs (corpus cache, first allocations)
+            order = list(variants)
+            for r in range(repeats):
+                if progress:
+                    progress(f"diagnostics overhead repeat {r + 1}/{repeats}")
+                for name in order[r % len(order):] + order[: r % len(order)]:
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                        summary = train.run(config(**base, diag_interval=variants[name]))
+                    runs[name].append(summary["tokens_per_s"])
     out = {name: _summary(v) for name, v in runs.items()}
     for name in ("default", "every step"):
         out[f"ratio:{name}"] = _summary([w / o for w, o in zip(runs[name], runs["off"])])

@@ -8,6 +8,7 @@ interpreter); the plain-PyTorch reference otherwise, so CPU users train normally
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -36,6 +37,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Run a block under backend `name`, then restore the previous one."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def interpreting() -> bool:

@@ -252,3 +252,14 @@ def test_backend_switch(monkeypatch):
         sb.kernels.layer_norm(torch.randn(2, 4), torch.ones(4))
     sb.set_backend("auto")
     assert not backend.use_triton("layer_norm", torch.randn(2))  # no kernel: the reference
+
+
+def test_backend_using_restores_the_previous_backend():
+    from stableblocks.kernels import backend
+
+    sb.set_backend("auto")
+    with pytest.raises(RuntimeError, match="inside"):
+        with backend.using("reference"):
+            assert sb.get_backend() == "reference"
+            raise RuntimeError("inside")
+    assert sb.get_backend() == "auto"
