@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, layer_norm_rows,
                         normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
@@ -54,24 +54,14 @@ def _add_norm_fwd(
     x = tl.load(X + row[:, None] * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
     z = tl.load(Z + row[:, None] * stride_z + col[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_POST:
-        mean_z, rstd_z, z = normalize(z, col_ok, width, eps)
-        z *= tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_POST_BIAS:
-            z += tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(MeanZ + row, mean_z, mask=row_ok)
-        tl.store(RstdZ + row, rstd_z, mask=row_ok)
+        z = layer_norm_rows(z, W, B, MeanZ, RstdZ, row, row_ok, col, col_ok, width, eps, HAS_POST_BIAS)
     # The next norm sees y as stored (rounded to the activation dtype), like its backward will.
     y = cast_rtne(x + z, Y.dtype.element_ty)
     tl.store(Y + row[:, None] * width + col[None, :], y, mask=ok)
     if HAS_NEXT:
         y = tl.where(ok, y.to(tl.float32), 0.0)
-        mean_y, rstd_y, n = normalize(y, col_ok, width, eps)
-        n *= tl.load(NW + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_NEXT_BIAS:
-            n += tl.load(NB + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        n = layer_norm_rows(y, NW, NB, MeanY, RstdY, row, row_ok, col, col_ok, width, eps, HAS_NEXT_BIAS)
         tl.store(N + row[:, None] * width + col[None, :], cast_rtne(n, N.dtype.element_ty), mask=ok)
-        tl.store(MeanY + row, mean_y, mask=row_ok)
-        tl.store(RstdY + row, rstd_y, mask=row_ok)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, layer_norm_rows,
                         normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
@@ -67,12 +67,8 @@ def _embedding_fwd(
     e = _embed_rows(WTE, WPE, tok, row % seq_len, col, ok, stride_wte, stride_wpe, tl.cast(scale, tl.float32),
                     HAS_WPE)
     if HAS_LN:
-        mean, rstd, e = normalize(e, col_ok, width, tl.cast(eps, tl.float32))
-        e *= tl.load(LNW + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_LN_BIAS:
-            e += tl.load(LNB + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Mean + row, mean, mask=row_ok)
-        tl.store(Rstd + row, rstd, mask=row_ok)
+        e = layer_norm_rows(e, LNW, LNB, Mean, Rstd, row, row_ok, col, col_ok, width, tl.cast(eps, tl.float32),
+                            HAS_LN_BIAS)
     row = row.to(tl.int64)
     tl.store(E + row[:, None] * width + col[None, :], cast_rtne(e, E.dtype.element_ty), mask=ok)
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, normalize,
+from .ln_common import (aot_config, cast_rtne, check_runnable, empty, launched, layer_norm_rows,
                         normalize_backward, partial_programs, rows, sum_partials, tile)
 
 
@@ -39,13 +39,8 @@ def _layer_norm_fwd(
     row = row.to(tl.int64)
 
     x = tl.load(X + row[:, None] * stride_x + col[None, :], mask=ok, other=0.0).to(tl.float32)
-    mean, rstd, xhat = normalize(x, col_ok, width, tl.cast(eps, tl.float32))
-    y = xhat * tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y += tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = layer_norm_rows(x, W, B, Mean, Rstd, row, row_ok, col, col_ok, width, tl.cast(eps, tl.float32), HAS_BIAS)
     tl.store(Y + row[:, None] * width + col[None, :], cast_rtne(y, Y.dtype.element_ty), mask=ok)
-    tl.store(Mean + row, mean, mask=row_ok)
-    tl.store(Rstd + row, rstd, mask=row_ok)
 
 
 @triton.jit

@@ -30,6 +30,19 @@ def normalize(x, col_ok, width, eps):
 
 
 @triton.jit
+def layer_norm_rows(x, W, B, Mean, Rstd, row, row_ok, col, col_ok, width, eps, HAS_BIAS: tl.constexpr):
+    """LayerNorm of an fp32 tile with its (width,) weight and optional bias; stores the rows'
+    mean and rstd (fp32, for the backward) -> the normalised tile, fp32."""
+    mean, rstd, y = normalize(x, col_ok, width, eps)
+    y *= tl.load(W + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Mean + row, mean, mask=row_ok)
+    tl.store(Rstd + row, rstd, mask=row_ok)
+    return y
+
+
+@triton.jit
 def normalize_backward(dxhat, xhat, rstd, col_ok, width):
     """Gradient through xhat = (x - mean) * rstd: dxhat = dy * weight, all fp32 tiles."""
     c1 = tl.sum(xhat * dxhat, axis=1) / width
