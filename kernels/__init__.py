@@ -4,10 +4,6 @@ Every op checks its arguments, then runs its Triton kernel or its reference as t
 switch decides (see backend.py).
 """
 
-# This folder is installed as stableblocks.kernels. From a checkout's root it is also importable as
-# a top-level `kernels`, and transformers imports any top-level `kernels` it finds (Hugging Face's
-# package of that name): loaded a second time, the Triton modules would register their
-# torch.library ops again. Under any other name the package stays empty.
 if __name__ == "stableblocks.kernels":
     from .backend import get_backend, load_kernels, set_backend
     from .fused_add_norm import fused_add_norm
@@ -18,3 +14,35 @@ if __name__ == "stableblocks.kernels":
     load_kernels()
 
     __all__ = ["fused_add_norm", "fused_attention", "fused_embedding", "get_backend", "layer_norm", "set_backend"]
+else:
+    # This folder is installed as stableblocks.kernels only. From a checkout's root (`python -m`,
+    # plain `pytest`, a script beside it) it is also found as a top-level `kernels`: the name of
+    # Hugging Face's package, which transformers imports at start-up. Loading our ops under that
+    # name would register them a second time, and transformers would miss its own package. So
+    # the folder hands the name to the installed `kernels` distribution when there is one (the
+    # import system returns whatever sys.modules holds once this file has run), and otherwise
+    # stays empty.
+    def _install_distribution_package(name: str) -> None:
+        import importlib.metadata
+        import importlib.util
+        import sys
+        from pathlib import Path
+
+        try:
+            init = Path(importlib.metadata.distribution(name).locate_file(f"{name}/__init__.py"))
+        except importlib.metadata.PackageNotFoundError:
+            return
+        if not init.is_file() or init.resolve() == Path(__file__).resolve():
+            return
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        ours = sys.modules[name]
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules[name] = ours
+            raise
+
+    _install_distribution_package(__name__)
+    del _install_distribution_package

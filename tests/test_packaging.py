@@ -1,27 +1,105 @@
-"""The kernels folder is stableblocks.kernels only: a top-level `kernels` import must stay inert."""
+"""The kernels folder is stableblocks.kernels only; from the repository root, the top-level name
+`kernels` belongs to Hugging Face's package (transformers imports it at start-up)."""
 
-import importlib
+import importlib.metadata
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-import stableblocks.kernels
+import pytest
+
+ROOT = Path(__file__).parents[1]
 
 
-def test_top_level_kernels_import_is_inert(monkeypatch):
-    # transformers imports any top-level `kernels` (Hugging Face's package) it can find; from a
-    # checkout's root that is this folder, which must not load and register the ops a second time.
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
-    monkeypatch.delitem(sys.modules, "kernels", raising=False)
-    top = importlib.import_module("kernels")
-    assert Path(top.__file__).parent == Path(stableblocks.kernels.__file__).parent
-    assert not hasattr(top, "fused_attention") and not hasattr(top, "backend")
-    assert not any(name.startswith("kernels.") for name in sys.modules)
+def _run_from_root(*parts: str) -> str:
+    """Run `parts` as `python -c` does from the repository root: the root first on sys.path."""
+    code = "\n".join(textwrap.dedent(part) for part in parts)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
-def test_transformers_does_not_take_it_for_hugging_faces_kernels(monkeypatch):
-    transformers = __import__("pytest").importorskip("transformers")
-    from transformers.utils.import_utils import is_kernels_available
+def _has_distribution(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
-    assert not is_kernels_available()
-    assert transformers.GPT2LMHeadModel is not None
+
+# Any module loaded from our kernels/ folder under a name other than stableblocks.kernels.* means
+# the ops were (or could be) registered twice.
+_OURS_ONLY_ONCE = """
+    ours = os.path.join(os.getcwd(), "kernels")
+    stray = sorted(
+        name for name, m in list(sys.modules.items())
+        if os.path.dirname(os.path.abspath(getattr(m, "__file__", None) or "")).startswith(ours)
+        and not name.startswith("stableblocks.kernels")
+    )
+    assert not stray, stray
+"""
+
+
+@pytest.mark.skipif(not _has_distribution("kernels"), reason="Hugging Face's kernels is not installed")
+def test_top_level_kernels_from_the_root_is_hugging_faces():
+    out = _run_from_root(
+        """
+        import os, sys
+        import kernels, stableblocks
+        assert os.path.abspath(sys.path[0] or os.getcwd()) == os.getcwd()
+        print(os.path.abspath(kernels.__file__))
+        """,
+        _OURS_ONLY_ONCE,
+    )
+    path = Path(out.strip().splitlines()[-1])
+    assert path.parent != ROOT / "kernels"
+    assert path.parent.name == "kernels" and "site-packages" in path.parts
+
+
+def test_transformers_from_the_root_sees_its_kernels_and_ours_register_once():
+    pytest.importorskip("transformers")
+    out = _run_from_root(
+        """
+        import os, sys
+        import stableblocks
+        import transformers
+        from transformers import GPT2LMHeadModel
+        from transformers.utils.import_utils import is_kernels_available
+        import transformers.integrations.hub_kernels
+        import torch
+        # Our ops are there, once: registering one again would raise.
+        assert hasattr(torch.ops.stableblocks, "fused_attention")
+        print(is_kernels_available(), GPT2LMHeadModel.__name__)
+        """,
+        _OURS_ONLY_ONCE,
+    )
+    available, name = out.split()[-2:]
+    assert name == "GPT2LMHeadModel"
+    assert available == str(_has_distribution("kernels"))
+
+
+def test_without_hugging_faces_kernels_the_folder_stays_inert():
+    out = _run_from_root(
+        """
+        import importlib.metadata, os, sys
+        real = importlib.metadata.distribution
+        def distribution(name):
+            if name == "kernels":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return real(name)
+        importlib.metadata.distribution = distribution
+        import stableblocks
+        import kernels
+        assert os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(os.getcwd(), "kernels")
+        assert not hasattr(kernels, "fused_attention") and not hasattr(kernels, "backend")
+        assert not any(n.startswith("kernels.") for n in sys.modules), [n for n in sys.modules if n.startswith("kernels.")]
+        print("inert")
+        """
+    )
+    assert out.strip().endswith("inert")
