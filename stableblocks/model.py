@@ -45,33 +45,6 @@ class StableGPT(nn.Module):
             self.lm_head.weight = self.embed.wte.weight
         init_weights(self, config)
 
-    @classmethod
-    def from_nanogpt(cls, checkpoint, recipe: str = "gpt2", **overrides) -> StableGPT:
-        """From nanoGPT: a ckpt.pt path, its loaded dict, or a state dict (then pass n_head=).
-        Recipe "gpt2" gives the same logits; another adds its stabilisers at identity."""
-        from .integrations.nanogpt import from_nanogpt
-
-        return from_nanogpt(checkpoint, recipe, **overrides)
-
-    @classmethod
-    def from_hf(cls, model, recipe: str | None = None, **overrides) -> StableGPT:
-        """From a transformers GPT2LMHeadModel (plain, then recipe "gpt2" by default, or patched)."""
-        from .integrations.hf import from_hf
-
-        return from_hf(model, recipe, **overrides)
-
-    def to_nanogpt(self) -> dict:
-        """A state dict nanoGPT's GPT loads (plain GPT-2 recipes only; WeSaR gates folded in)."""
-        from .integrations.nanogpt import to_nanogpt
-
-        return to_nanogpt(self)
-
-    def to_hf(self):
-        """A transformers GPT2LMHeadModel, patched with this config (unpatch_gpt2 gives plain GPT-2)."""
-        from .integrations.hf import to_hf
-
-        return to_hf(self)
-
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without the position embeddings by default (nanoGPT's convention)."""
         n = sum(p.numel() for p in self.parameters())

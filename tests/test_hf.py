@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the HF integration ne
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from stableblocks.integrations.hf import load_patched, param_groups, patch_gpt2, unpatch_gpt2  # noqa: E402
+from stableblocks.integrations.hf import from_hf, load_patched, param_groups, patch_gpt2, to_hf, unpatch_gpt2  # noqa: E402
 from stableblocks.modules import StableBlock  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -247,10 +247,10 @@ def test_from_hf_and_to_hf(name):
     x = idx()
     patched = patch_gpt2(copy.deepcopy(original), name)
     for source in (original, patched):  # plain (recipe gpt2) and patched (its own config)
-        model = sb.StableGPT.from_hf(source).eval()
+        model = from_hf(source).eval()
         torch.testing.assert_close(model(x)[0], source(x).logits, atol=1e-5, rtol=1e-5)
-    bare = sb.StableGPT.from_hf(original.transformer)
+    bare = from_hf(original.transformer)
     torch.testing.assert_close(bare(x)[0], original(x).logits, atol=1e-5, rtol=1e-5)
     stable = sb.StableGPT(sb.recipe(name, vocab_size=V, block_size=P, n_layer=2, n_head=2, n_embd=32, embed_ln=True)).eval()
-    exported = stable.to_hf()
+    exported = to_hf(stable)
     torch.testing.assert_close(exported(x).logits, stable(x)[0], atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import stableblocks as sb
+from stableblocks.integrations.nanogpt import from_nanogpt, to_nanogpt
 
 V, P, N, H, D = 64, 32, 2, 4, 32
 
@@ -70,11 +71,11 @@ class NanoGPT(nn.Module):
 def test_round_trip_keeps_logits_and_weights(bias):
     nano = NanoGPT(bias).eval()
     idx = torch.randint(0, V, (2, 16))
-    model = sb.StableGPT.from_nanogpt(nano.state_dict(), n_head=H).eval()
+    model = from_nanogpt(nano.state_dict(), n_head=H).eval()
     assert model.config.bias == bias and model.config.n_layer == N and model.config.tie_embeddings
     torch.testing.assert_close(model(idx)[0], nano(idx), atol=1e-5, rtol=1e-5)
     back = NanoGPT(bias)
-    back.load_state_dict({**back.state_dict(), **model.to_nanogpt()}, strict=True)  # the mask buffers are nanoGPT's own
+    back.load_state_dict({**back.state_dict(), **to_nanogpt(model)}, strict=True)  # the mask buffers are nanoGPT's own
     for (name, p), (_, q) in zip(nano.named_parameters(), back.named_parameters()):
         assert torch.equal(p, q), name
 
@@ -86,7 +87,7 @@ def test_checkpoint_file(tmp_path):
     ckpt = {"model": {f"_orig_mod.{k}": v for k, v in nano.state_dict().items()}, "model_args": args,
             "optimizer": {}, "iter_num": 5, "best_val_loss": 3.0, "config": {"dataset": "shakespeare_char"}}
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    model = sb.StableGPT.from_nanogpt(tmp_path / "ckpt.pt").eval()
+    model = from_nanogpt(tmp_path / "ckpt.pt").eval()
     assert (model.config.n_head, model.config.dropout) == (H, 0.1)
     idx = torch.randint(0, V, (2, 16))
     torch.testing.assert_close(model(idx)[0], nano(idx), atol=1e-5, rtol=1e-5)
@@ -95,7 +96,7 @@ def test_checkpoint_file(tmp_path):
 @pytest.mark.parametrize("name", ["wesar", "qk-fc-norm", "qkv-norm"])
 def test_recipes_add_their_parameters_at_identity(name):
     nano = NanoGPT().eval()
-    model = sb.StableGPT.from_nanogpt(nano.state_dict(), recipe=name, n_head=H).eval()
+    model = from_nanogpt(nano.state_dict(), recipe=name, n_head=H).eval()
     blk, src = model.blocks[0], nano.transformer.h[0]
     assert torch.equal(blk.attn.c_attn.weight, src.attn.c_attn.weight)
     for norm in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.v_norm, blk.post_norm_attn, blk.post_norm_mlp):
@@ -115,16 +116,33 @@ def test_bad_checkpoints():
     nano = NanoGPT()
     state = nano.state_dict()
     with pytest.raises(ValueError, match="n_head: a bare state dict"):
-        sb.StableGPT.from_nanogpt(state)
+        from_nanogpt(state)
     with pytest.raises(ValueError, match="n_layer: model_args say 3, the weights have 2"):
-        sb.StableGPT.from_nanogpt({"model": state, "model_args": dict(n_layer=3, n_head=H)})
+        from_nanogpt({"model": state, "model_args": dict(n_layer=3, n_head=H)})
     with pytest.raises(ValueError, match="missing weights.*ln_2"):
-        sb.StableGPT.from_nanogpt({k: v for k, v in state.items() if "h.1.ln_2" not in k}, n_head=H)
+        from_nanogpt({k: v for k, v in state.items() if "h.1.ln_2" not in k}, n_head=H)
     with pytest.raises(ValueError, match="no place for.*extra"):
-        sb.StableGPT.from_nanogpt({**state, "transformer.extra.weight": torch.zeros(1)}, n_head=H)
+        from_nanogpt({**state, "transformer.extra.weight": torch.zeros(1)}, n_head=H)
     with pytest.raises(ValueError, match="low_rank: MLRA factors"):
-        sb.StableGPT.from_nanogpt(state, n_head=H, low_rank=4)
+        from_nanogpt(state, n_head=H, low_rank=4)
     with pytest.raises(ValueError, match="checkpoint: expected a path"):
-        sb.StableGPT.from_nanogpt([state])
+        from_nanogpt([state])
     with pytest.raises(ValueError, match="nanoGPT's GPT has no qk_norm"):
-        sb.StableGPT(sb.recipe("qk-norm", vocab_size=V, block_size=P, n_layer=N, n_head=H, n_embd=D)).to_nanogpt()
+        to_nanogpt(sb.StableGPT(sb.recipe("qk-norm", vocab_size=V, block_size=P, n_layer=N, n_head=H, n_embd=D)))
+
+
+def test_the_model_never_imports_its_adapters():
+    import ast
+    import inspect
+
+    import stableblocks.model
+
+    tree = ast.parse(inspect.getsource(stableblocks.model))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "integrations" in m], imported
+    # The adapters share one public naming module rather than each other's private helpers.
+    from stableblocks.integrations import gpt2_state
+
+    assert gpt2_state.gpt2_name("blocks.0.attn.c_attn.weight") == "transformer.h.0.attn.c_attn.weight"
+    assert gpt2_state.stable_name(gpt2_state.gpt2_name("embed.ln.bias")) == "embed.ln.bias"

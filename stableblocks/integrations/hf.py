@@ -37,7 +37,7 @@ from ..kernels import fused_embedding
 from ..model import StableGPT
 from ..modules import LayerNorm, StableBlock, StableLinear
 from ..recipes import recipe as make_recipe
-from .nanogpt import _PREFIXES, _rename, load_gpt2_state_dict, plain_gpt2_gaps
+from .gpt2_state import gpt2_state_dict, load_gpt2_state_dict, plain_gpt2_gaps
 
 # HF activation_function -> StableConfig.activation ("gelu_new" is GPT-2's tanh form).
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -249,7 +249,7 @@ def unpatch_gpt2(model):
     body, cfg = _body(model), _patched_config(model)
     gaps = plain_gpt2_gaps(cfg)
     if gaps:
-        raise ValueError(f"model: plain GPT-2 has no {', '.join(gaps)}; use StableGPT.from_hf(model) or keep it patched")
+        raise ValueError(f"model: plain GPT-2 has no {', '.join(gaps)}; use from_hf(model) for a StableGPT, or keep it patched")
     ref = body.wte.weight
     with torch.no_grad():
         fold_wesar_gates(model)
@@ -346,7 +346,6 @@ def to_hf(model: StableGPT):
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=special, eos_token_id=special,
     )
     hf = patch_gpt2(GPT2LMHeadModel(hf_config), cfg)
-    back = [(dst, src) for src, dst in _PREFIXES]
-    hf.load_state_dict({_rename(k, back): v for k, v in model.state_dict().items()})
+    hf.load_state_dict(gpt2_state_dict(model))
     ref = model.embed.wte.weight
     return hf.to(ref.device, ref.dtype).train(model.training)
