@@ -136,6 +136,43 @@ def test_generate_recomputes_without_cache():
     assert torch.equal(out, want)
 
 
+def _a_kv_cache(x):
+    """A real KV cache of a plain GPT-2 for the prefix x (the type either transformers version uses)."""
+    out = gpt2()(x, use_cache=True)
+    return out.past_key_values
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_every_kv_cache_name_is_refused(name):
+    # A patched forward that swallowed the cache would return the logits of a forward without the
+    # prefix: a silent wrong answer.
+    model = patch_gpt2(gpt2(), "gpt2").eval()
+    x = idx(1, 8)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model.transformer(x[:, 6:], **{name: _a_kv_cache(x[:, :6])})
+    if name == "cache" and transformers.__version__.startswith("4."):
+        return  # 4.x's GPT2LMHeadModel has no `cache` argument (its own **kwargs drop it)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(x[:, 6:], **{name: _a_kv_cache(x[:, :6])})
+
+
+def test_unknown_arguments_are_refused_by_name_and_known_ones_honoured():
+    model = patch_gpt2(gpt2(), "gpt2").eval()
+    x = idx(1, 8)
+    with pytest.raises(ValueError, match="frobnicate .unknown argument."):
+        model.transformer(x, frobnicate=True)
+    # 4.57 passes the tokens' positions as cache_position: honoured like position_ids.
+    pos = torch.arange(3, 11)
+    torch.testing.assert_close(model.transformer(x, cache_position=pos).last_hidden_state,
+                               model.transformer(x, position_ids=pos[None]).last_hidden_state)
+    assert not torch.allclose(model.transformer(x, cache_position=pos).last_hidden_state, model.transformer(x).last_hidden_state)
+    # HF's Trainer passes num_items_in_batch under gradient accumulation: the loss honours it.
+    original = gpt2().eval()
+    ref = original(x, labels=x, num_items_in_batch=3).loss
+    torch.testing.assert_close(model(x, labels=x, num_items_in_batch=3).loss, ref)
+    assert not torch.allclose(ref, original(x, labels=x).loss)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

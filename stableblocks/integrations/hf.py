@@ -204,22 +204,35 @@ def _check_padding(mask: torch.Tensor, batch: int, length: int) -> None:
         raise ValueError(msg)
 
 
-def _patched_forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
-                     position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                     use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                     head_mask=None, cache_position=None, **kwargs):
-    """GPT2Model.forward of a patched model (transformers 4.57 and 5.x call it with these names)."""
+# Arguments transformers' GPT2LMHeadModel passes through to the body that the LM head, not the
+# body, honours (5.x forwards its **kwargs to both).
+_PASSED_THROUGH = ("num_items_in_batch",)
+
+
+def _patched_forward(self, input_ids=None, *, attention_mask=None, position_ids=None, inputs_embeds=None,
+                     output_hidden_states=None, return_dict=None, cache_position=None,
+                     cache=None, past_key_values=None, use_cache=None, token_type_ids=None, head_mask=None,
+                     encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=None, **kwargs):
+    """GPT2Model.forward of a patched model. It takes the argument names of transformers 4.57 and
+    5.x and refuses by name every one it cannot honour (a KV cache under any of its names, token
+    types, head masks, cross-attention, attention weights, anything unknown): never a silent
+    forward that ignores an argument."""
     unsupported = {
-        "past_key_values / use_cache (no KV cache)": past_key_values is not None or bool(use_cache),
-        "encoder_hidden_states (no cross-attention)": encoder_hidden_states is not None,
+        "cache / past_key_values / use_cache (no KV cache; generate() recomputes the prefix)":
+            cache is not None or past_key_values is not None or bool(use_cache),
+        "encoder_hidden_states / encoder_attention_mask (no cross-attention)":
+            encoder_hidden_states is not None or encoder_attention_mask is not None,
         "token_type_ids": token_type_ids is not None,
         "head_mask": head_mask is not None,
         "output_attentions (the fused attention keeps no weights)": bool(output_attentions),
     }
+    unsupported.update({f"{name} (unknown argument)": True for name in kwargs if name not in _PASSED_THROUGH})
     if any(unsupported.values()):
         raise ValueError(f"{', '.join(k for k, v in unsupported.items() if v)}: not supported by a stableblocks-patched GPT-2")
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("input_ids, inputs_embeds: pass exactly one")
+    if position_ids is None and cache_position is not None:  # 4.57's positions of the given tokens
+        position_ids = cache_position.unsqueeze(0)
     cfg = self.stable_config
     batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
     if attention_mask is not None:
