@@ -16,6 +16,7 @@ class StableConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_inner: int | None = None  # MLP width (HF GPT2Config's name); None = 4 * n_embd
     dropout: float = 0.0
     bias: bool = True
     activation: str = "gelu"  # exact GELU; "gelu_tanh" is GPT-2's original (HF's gelu_new)
@@ -41,6 +42,8 @@ class StableConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"n_inner: expected a positive int or None (= 4 * n_embd), got {self.n_inner!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head: {self.n_head} does not divide n_embd = {self.n_embd}")
         if self.qk_norm and self.qkv_norm:
@@ -61,6 +64,11 @@ class StableConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.z_loss < 0:
             raise ValueError(f"z_loss: expected >= 0, got {self.z_loss!r}")
+
+    @property
+    def ffn_width(self) -> int:
+        """The MLP's hidden width: n_inner, or GPT-2's 4 * n_embd."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
     @property
     def head_dim(self) -> int:

@@ -32,7 +32,7 @@ def wesar_sigma_req(cfg) -> dict[str, float]:
         "qkv": math.sqrt(1 / d),
         "attn_proj": math.sqrt(1 / (2 * N * d)),
         "fc": math.sqrt(1 / d),
-        "mlp_proj": math.sqrt(2 / (8 * N * d)),
+        "mlp_proj": math.sqrt(1 / (N * cfg.ffn_width)),  # sqrt(2 / (8Nd)) at GPT-2's 4d
         "lm_head": math.sqrt(1 / d),
     }
 

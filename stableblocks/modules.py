@@ -133,8 +133,8 @@ class StableMLP(nn.Module):
     def __init__(self, cfg: StableConfig):
         super().__init__()
         gates = 1 if cfg.init == "wesar" else 0
-        self.c_fc = StableLinear(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, gates=gates)
-        self.c_proj = StableLinear(4 * cfg.n_embd, cfg.n_embd, cfg.bias, gates=gates)
+        self.c_fc = StableLinear(cfg.n_embd, cfg.ffn_width, cfg.bias, gates=gates)
+        self.c_proj = StableLinear(cfg.ffn_width, cfg.n_embd, cfg.bias, gates=gates)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -191,7 +191,6 @@ def test_unsupported_calls_raise(call, match):
 @pytest.mark.parametrize(
     "make, kwargs, match",
     [
-        (lambda: gpt2(n_inner=64), {}, "n_inner=64"),
         (lambda: gpt2(scale_attn_by_inverse_layer_idx=True), {}, "scale_attn_by_inverse_layer_idx"),
         (lambda: gpt2(activation_function="relu"), {}, "activation_function='relu'"),
         (lambda: gpt2(resid_pdrop=0.1), {}, "dropout: the model's resid_pdrop"),
@@ -291,3 +290,68 @@ def test_from_hf_and_to_hf(name):
     stable = sb.StableGPT(sb.recipe(name, vocab_size=V, block_size=P, n_layer=2, n_head=2, n_embd=32, embed_ln=True)).eval()
     exported = to_hf(stable)
     torch.testing.assert_close(exported(x).logits, stable(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def _hf_test_config():
+    """transformers' own GPT-2 test config (GPT2ModelTester): vocab 99, width 32, 5 layers of 4 heads, n_inner 37."""
+    return hf_config(vocab_size=99, n_embd=32, n_layer=5, n_head=4, n_inner=37, n_positions=512,
+                     activation_function="gelu")
+
+
+def test_transformers_test_config_matches_the_unpatched_model(tmp_path):
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(_hf_test_config()).eval()
+    model = patch_gpt2(copy.deepcopy(original), "gpt2").eval()
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (37, 32)
+    x = torch.randint(0, 99, (3, 7))
+    ref, out = original(x, labels=x), model(x, labels=x)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    gen = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
+    assert torch.equal(model.generate(x, **gen), original.generate(x, **gen, use_cache=False))
+    # resize, then save and reload: the recorded config follows the vocabulary.
+    original.resize_token_embeddings(109)
+    model.resize_token_embeddings(109)
+    assert model.config.stableblocks["vocab_size"] == 109
+    with torch.no_grad():  # the new rows are sampled; give both the same
+        model.transformer.wte.weight.copy_(original.transformer.wte.weight)
+    y = torch.randint(0, 109, (2, 9))
+    torch.testing.assert_close(model(y).logits, original(y).logits, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(load_patched(str(tmp_path))(y).logits, model(y).logits, atol=0, rtol=0)
+
+
+def test_resize_keeps_an_untied_gated_head(tmp_path):
+    model = patch_gpt2(gpt2(), "wesar").eval()
+    with torch.no_grad():
+        model.lm_head.gate.fill_(1.5)
+    model.resize_token_embeddings(V + 5)
+    assert model.lm_head.gate.item() == 1.5 and model.lm_head.weight.shape[0] == V + 5
+    model.save_pretrained(tmp_path)
+    y = torch.randint(0, V + 5, (2, 9))
+    torch.testing.assert_close(load_patched(str(tmp_path))(y).logits, model(y).logits, atol=0, rtol=0)
+
+
+def test_n_inner_sets_the_mlp_width_and_wesar_fc2_std():
+    d, n, inner = 32, 2, 37
+    model = patch_gpt2(GPT2LMHeadModel(hf_config(n_embd=d, n_inner=inner)), "wesar", reinit=True)
+    assert model.transformer.h[0].mlp.c_proj.gate.item() == pytest.approx(math.sqrt(1 / (n * inner)) / math.sqrt(4e-5))
+    stable = sb.StableGPT(sb.recipe("qk-norm", vocab_size=V, block_size=P, n_layer=n, n_head=2, n_embd=d, n_inner=inner))
+    assert to_hf(stable).config.n_inner == inner
+
+
+@pytest.mark.parametrize(
+    "make, call, match",
+    [
+        (lambda: gpt2(scale_attn_by_inverse_layer_idx=True), None, "scale_attn_by_inverse_layer_idx"),
+        (lambda: gpt2(scale_attn_weights=False), None, "scale_attn_weights=False"),
+        (lambda: gpt2(add_cross_attention=True), None, "add_cross_attention"),
+        (gpt2, lambda m: m(idx(), head_mask=torch.ones(2, 2)), "head_mask"),
+        (gpt2, lambda m: m(idx(), encoder_hidden_states=torch.zeros(2, 3, 32)), "encoder_hidden_states"),
+    ],
+)
+def test_refused_hf_options_name_themselves(make, call, match):
+    # Each of these is listed in the README with its reason.
+    with pytest.raises(ValueError, match=match):
+        model = patch_gpt2(make(), "qk-norm")
+        call(model)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from types import MethodType
 
 import torch
@@ -41,7 +41,7 @@ from .gpt2_state import gpt2_state_dict, load_gpt2_state_dict, plain_gpt2_gaps
 
 # HF activation_function -> StableConfig.activation ("gelu_new" is GPT-2's tanh form).
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-_SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+_SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "bias")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -72,14 +72,12 @@ def _hf_fields(hf: GPT2Config) -> dict:
         problems.append("scale_attn_by_inverse_layer_idx=True")
     if not getattr(hf, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False")
-    if hf.n_inner not in (None, 4 * hf.n_embd):
-        problems.append(f"n_inner={hf.n_inner} (StableMLP is 4 * n_embd wide)")
     if hf.activation_function not in ACTIVATIONS:
         problems.append(f"activation_function={hf.activation_function!r} (supported: {sorted(ACTIVATIONS)})")
     if problems:
         raise ValueError(f"model.config: stableblocks' GPT-2 blocks have no {', '.join(problems)}")
     out = dict(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
-               n_embd=hf.n_embd, bias=True, activation=ACTIVATIONS[hf.activation_function], eps=hf.layer_norm_epsilon)
+               n_embd=hf.n_embd, n_inner=None if hf.n_inner in (None, 4 * hf.n_embd) else hf.n_inner, bias=True, activation=ACTIVATIONS[hf.activation_function], eps=hf.layer_norm_epsilon)
     drops = {hf.resid_pdrop, hf.embd_pdrop, hf.attn_pdrop}
     if len(drops) == 1:
         out["dropout"] = drops.pop()
@@ -184,6 +182,7 @@ def patch_gpt2(model, recipe: str | StableConfig = "stable", reinit: bool = Fals
     body.drop.p = cfg.dropout
     body.stable_config = cfg
     body.forward = MethodType(_patched_forward, body)
+    model.resize_token_embeddings = MethodType(_patched_resize, model)
     _sync_hf_config(model, cfg)
     if reinit:
         init_weights(model, cfg)
@@ -256,6 +255,23 @@ def _patched_forward(self, input_ids=None, *, attention_mask=None, position_ids=
     return out.to_tuple() if return_dict is False else out
 
 
+def _patched_resize(self, *args, **kwargs):
+    """transformers' resize_token_embeddings, then the recorded StableConfig follows the new vocabulary
+    (save_pretrained writes it; load_patched rebuilds the model from it). An untied head stays a
+    StableLinear: transformers rebuilds it as a plain nn.Linear, which would drop its WeSaR gate."""
+    head = getattr(self, "lm_head", None)
+    out = type(self).resize_token_embeddings(self, *args, **kwargs)
+    resized = getattr(self, "lm_head", None)
+    if isinstance(head, StableLinear) and not isinstance(resized, StableLinear):
+        kept = StableLinear(resized.in_features, resized.out_features, bias=False)
+        kept.weight, kept.gate = resized.weight, head.gate
+        self.lm_head = kept.train(resized.training)
+    body = _body(self)
+    body.stable_config = replace(body.stable_config, vocab_size=body.wte.weight.shape[0])
+    _sync_hf_config(self, body.stable_config)
+    return out
+
+
 def unpatch_gpt2(model):
     """Back to a plain transformers GPT-2, in place: WeSaR gates (and Scaled Embed, when the head
     is untied) fold into the weights. ValueError when a stabiliser has no place in plain GPT-2."""
@@ -281,7 +297,7 @@ def unpatch_gpt2(model):
             new["lm_head"] = head
     for name, module in new.items():
         setattr(model if name == "lm_head" else body, name, module.to(ref.device, ref.dtype).train(model.training))
-    del body.forward, body.stable_config, body.ln_embed
+    del body.forward, body.stable_config, body.ln_embed, model.resize_token_embeddings
     _sync_hf_config(model, None)
     return model
 
@@ -320,7 +336,8 @@ def load_patched(path: str):
     if not isinstance(getattr(config, "stableblocks", None), dict):
         raise ValueError(f"path: {path}/config.json has no 'stableblocks' entry, so it is not a patched model; use from_pretrained")
     model = (GPT2Model if config.architectures == ["GPT2Model"] else GPT2LMHeadModel)(config)
-    patch_gpt2(model, StableConfig(**config.stableblocks))
+    # transformers' resize_token_embeddings keeps config.vocab_size current: it is the vocabulary.
+    patch_gpt2(model, StableConfig(**{**config.stableblocks, "vocab_size": config.vocab_size}))
     result = model.load_state_dict(_read_state_dict(path), strict=False)
     tied = isinstance(model, GPT2LMHeadModel) and model.lm_head.weight is model.transformer.wte.weight
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]  # saved once, as wte
@@ -353,7 +370,7 @@ def to_hf(model: StableGPT):
         raise ValueError("model: bias=False has no HF GPT-2 equivalent (its Conv1D and LayerNorm have biases)")
     special = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocabulary has it
     hf_config = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_inner=cfg.n_inner, n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps,
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=special, eos_token_id=special,

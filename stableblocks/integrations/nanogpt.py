@@ -65,6 +65,7 @@ def to_nanogpt(model: StableGPT) -> dict:
     gaps = plain_gpt2_gaps(cfg)
     gaps += ["activation='gelu_tanh' (nanoGPT uses exact GELU)"] if cfg.activation != "gelu" else []
     gaps += ["tie_embeddings=False (nanoGPT ties its head)"] if not cfg.tie_embeddings else []
+    gaps += [f"n_inner={cfg.n_inner} (nanoGPT's MLP is 4 * n_embd wide)"] if cfg.ffn_width != 4 * cfg.n_embd else []
     if gaps:
         raise ValueError(f"model: nanoGPT's GPT has no {', '.join(gaps)}")
     return gpt2_state_dict(model, fold_gates=True)
