@@ -15,10 +15,7 @@ minutes. tests/test_benchmarks.py checks that fake and real runs save the same b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -77,19 +74,7 @@ def stable_block(recipe: str, d: int, n_head: int, T: int, dtype: torch.dtype) -
     return sb.StableBlock(cfg).to(dtype).train()
 
 
-def _alias_kernels_package() -> None:
-    """transformers probes for Hugging Face's `kernels` package by importing any top-level `kernels`
-    it can find; run from the repository root, that is this project's kernels/ folder, imported a
-    second time under another name, whose Triton modules then re-register the stableblocks custom
-    ops and leave the first registration's handles dangling (crashes). Point the name at the
-    package already imported; a real `kernels` package elsewhere is left alone."""
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    if spec is not None and spec.origin and Path(spec.origin).resolve() == Path(sb.kernels.__file__).resolve():
-        sys.modules["kernels"] = sb.kernels
-
-
 def hf_block(attn_implementation: str, d: int, n_head: int, T: int, dtype: torch.dtype) -> torch.nn.Module:
-    _alias_kernels_package()
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
