@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -18,17 +19,44 @@ def fake_run(path, recipe: str, blowup: float) -> None:
         row = {"step": step, "loss": 5 * math.exp(-step / 20) + 2, "lr": 1e-3, "grad_norm": 1 + blowup * step}
         if step % 10 == 0:
             row.update(val_loss=row["loss"] + 0.1, tev_mean=0.05, tev_std=0.01, attn_logit_max=[3 + blowup * step, 2.0],
-                       qkv_norm=[1.0, 2.0], proj_norm=[1.0, 1.5], fc2_norm=[2.0, 2.5 + blowup])
+                       qkv_out_norm=[1.0, 2.0], proj_out_norm=[1.0, 1.5], fc2_out_norm=[2.0, 2.5 + blowup])
         lines.append(json.dumps(row))
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_plot_overlays_runs_with_their_recipes(tmp_path, capsys):
+def _capture_lines(monkeypatch) -> dict:
+    """PNG name -> [(panel title, line label, points)] of every figure plot.py saves."""
+    from matplotlib.figure import Figure
+
+    drawn, save = {}, Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = [(ax.get_title(), line.get_label(), len(line.get_xdata()))
+                                  for ax in fig.axes for line in ax.get_lines()]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return drawn
+
+
+def test_plot_overlays_runs_with_their_recipes(tmp_path, capsys, monkeypatch):
     fake_run(tmp_path / "a", "vanilla", 2.0)
     fake_run(tmp_path / "b", "stable", 0.0)
+    drawn = _capture_lines(monkeypatch)
     cli.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")])
     names = sorted(p.name for p in (tmp_path / "cmp").iterdir())
     assert names == ["attn_logit.png", "grad_norm.png", "loss.png", "output_norms.png", "tev.png"]
+    # Every panel holds a line per run with every logged point: the metric names match train's.
+    panels = {"loss.png": 1, "grad_norm.png": 1, "tev.png": 2, "attn_logit.png": 2, "output_norms.png": 3}
+    for name, count in panels.items():
+        lines = drawn[name]
+        titles = {t for t, _, _ in lines}
+        assert len(titles) == count, (name, lines)
+        for title in titles:
+            got = {label: n for t, label, n in lines if t == title}
+            assert {"vanilla", "stable"} <= {label.split()[0] for label in got}, (name, title, got)
+            assert all(n == (50 if name in ("loss.png", "grad_norm.png") and "val" not in label else 5)
+                       for label, n in got.items()), (name, title, got)
     assert all((tmp_path / "cmp" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     assert capsys.readouterr().out.count(".png") == 5
     assert [plot.read_run(tmp_path / r)[0] for r in "ab"] == ["vanilla", "stable"]
