@@ -128,18 +128,28 @@ def csv_rows(data: dict, parts=PARTS) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.cost_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", choices=PARTS, help="measure these parts (the others keep their last results)")
+    p.add_argument("--only", nargs="+", choices=PARTS, help="measure these parts (the others keep their last "
+                   "results); a partial run: into runs/benchmarks/cost_model unless --out names a folder")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run, not results")
-    p.add_argument("--out", default=str(results.RESULTS), help="results folder (the README's numbers are only updated for the default)")
+    p.add_argument("--out", type=Path, help="results folder (default: the committed benchmarks/results for a full "
+                   "run; the README's numbers are only updated there)")
     p.add_argument("--commit", action="store_true", help="git commit benchmarks/results and README.md afterwards")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    partial = args.quick or args.only is not None
+    args.out = results.output_folder(p, results.RESULTS, args.out, partial, "cost_model")
+    if args.commit and (partial or args.out.resolve() != results.RESULTS):
+        p.error("--commit: only a full run into the committed results folder is committed")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out).resolve()
+    out = args.out.resolve()
     path = out / "cost_model.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
+    # A partial run into a fresh folder starts from the committed numbers for the parts it skips.
+    committed = results.RESULTS / "cost_model.json"
+    seed = path if path.exists() else committed if args.only and committed.exists() else None
+    data = json.loads(seed.read_text()) if seed else {}
     data.update(device=results.device_name("cpu"), versions=results.versions(), timestamp=results.now(), quick=args.quick)
     parts = args.only or PARTS
     with tqdm(total=len(parts), desc="cost model") as bar:
@@ -157,7 +167,7 @@ def main(argv=None) -> dict:
             path.write_text(json.dumps(data, indent=1) + "\n")  # a later part's failure keeps this one
             bar.update()
     results.append(out / "cost_model.csv", csv_rows(data, parts))
-    page = report.write_all(out, readme=report.README if out == results.RESULTS else None)
+    page = report.write_all(out, readme=report.README if out == results.RESULTS.resolve() else None)
     print(report.goals_text(data))
     print(f"results: {page}")
     if args.commit:

@@ -115,9 +115,17 @@ def parse_args(argv=None):
     p.add_argument("--param-dtype", choices=sorted(ops.DTYPES), help="weights (default fp32)")
     p.add_argument("--quick", action="store_true", help="one GPT-2 small shape per op")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--csv", type=Path, default=results.RESULTS / "microbench.csv")
+    p.add_argument("--csv", type=Path, help="results CSV (default: the committed benchmarks/results/microbench.csv "
+                   "for a full run, runs/benchmarks/microbench/microbench.csv for --quick or any selection)")
     p.add_argument("--no-report", action="store_true", help="do not rebuild the PNGs and the results page")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    selected = args.ops or args.providers or args.modes != list(ops.MODES) or any(
+        getattr(args, k) is not None for k in ("B", "T", "d", "D", "dtype", "param_dtype"))
+    partial = args.quick or bool(selected)
+    csv_dir = None if args.csv is None else args.csv.parent
+    args.csv = results.output_folder(p, results.RESULTS, csv_dir, partial, "microbench") / (
+        "microbench.csv" if args.csv is None else args.csv.name)
+    return args
 
 
 def main(argv=None) -> list[dict]:
@@ -138,6 +146,7 @@ def main(argv=None) -> list[dict]:
         providers = [p for p in ops.providers(case, args.device) if not args.providers or p in args.providers]
         case_shapes = shapes(case, sweep["B"], sweep["T"], sweep["d"], sweep["D"])
         case_rows = bench_case(case, case_shapes, providers, args.modes, dtype, param_dtype, args.device, stamp)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
         results.append(args.csv, case_rows)
         rows += case_rows
     print(report.microbench_table(rows))

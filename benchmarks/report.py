@@ -483,12 +483,21 @@ def readme_block(data: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, data: dict) -> None:
+def replace_block(readme: Path, name: str, body: str) -> None:
+    """Replace what stands between <!-- NAME:begin --> and <!-- NAME:end --> in `readme` (atomically)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise RuntimeError(f"{readme}: no {BEGIN} ... {END} block to update")
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    readme.write_text(text[:start] + readme_block(data) + text[stop:])
+    if begin not in text or end not in text:
+        raise RuntimeError(f"{readme}: no {begin} ... {end} block to update")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text[:start] + body + text[stop:])
+    tmp.replace(readme)
+
+
+def update_readme(readme: Path, data: dict) -> None:
+    block = readme_block(data)
+    replace_block(readme, "benchmarks", block[len(BEGIN):-len(END)])
 
 
 def write_all(out: Path = results.RESULTS, readme: Path | None = README) -> Path:

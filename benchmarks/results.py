@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Where quick and partial runs write by default: ignored by git, so committed results stay as measured.
+SCRATCH = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 COLUMNS = ("op", "provider", "mode", "shape", "metric", "unit", "p50", "p20", "p80", "device", "versions",
            "timestamp", "note")
 
@@ -93,3 +95,14 @@ def parse_shape(label: str) -> dict:
         else:
             out["dtype"] = part
     return out
+
+
+def output_folder(parser, committed: Path, out: Path | None, partial: bool, name: str) -> Path:
+    """The folder a benchmark command writes: the committed results only for a full run. A quick or
+    partial run goes to runs/benchmarks/NAME (or --out), and may not name the committed folder."""
+    if out is None:
+        return SCRATCH / name if partial else committed
+    if partial and Path(out).resolve() == committed.resolve():
+        parser.error(f"--out {out}: a quick or partial run never writes the committed results; "
+                     f"leave --out unset (it writes {SCRATCH / name}) or run the full benchmark")
+    return Path(out)

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -311,3 +312,86 @@ def test_readme_block_is_replaced_in_place(tmp_path):
     report.update_readme(readme, {"timestamp": "2026-01-01T00:00:00+00:00"})
     text = readme.read_text()
     assert text.startswith("intro\n" + report.BEGIN) and text.endswith(report.END + "\nrest\n") and "old" not in text
+
+
+def _tracked_state(root: Path) -> str:
+    """What git sees of the tracked files: status plus the diff's content."""
+    import subprocess
+
+    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    return run("status", "--porcelain", "--untracked-files=no") + run("diff", "HEAD")
+
+
+@pytest.mark.slow
+def test_quick_and_partial_runs_leave_committed_results_alone():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    before = _tracked_state(root)
+    shutil.rmtree(results.SCRATCH, ignore_errors=True)
+    commands = [
+        ["benchmarks.microbench", "--quick", "--device", "cpu", "--ops", "layer_norm:affine", "fused_attention:causal",
+         "--providers", "eager", "flex", "--modes", "forward"],
+        ["benchmarks.cost_model", "--quick", "--only", "bytes"],
+        ["benchmarks.cost_model", "--only", "activation"],
+        ["benchmarks.stability", "--quick", "--workers", "1"],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs them: reference on CPU
+    for cmd in commands:
+        out = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert _tracked_state(root) == before
+    assert (results.SCRATCH / "microbench" / "microbench.csv").exists()
+    assert (results.SCRATCH / "cost_model" / "cost_model.json").exists()
+    assert (results.SCRATCH / "stability-quick" / "results.md").exists()
+    # On CPU FlexAttention's forward is timed (it has no CPU backward).
+    rows = [r for r in results.read(results.SCRATCH / "microbench" / "microbench.csv") if r["provider"] == "flex"]
+    assert rows and all(r["p50"] for r in rows if r["metric"] == "time"), rows
+
+
+@pytest.mark.parametrize("module, args", [
+    (microbench, ["--quick", "--csv", str(results.RESULTS / "microbench.csv")]),
+    (cost_model, ["--quick", "--out", str(results.RESULTS)]),
+    (cost_model, ["--only", "bytes", "--commit"]),
+])
+def test_a_quick_run_may_not_name_the_committed_results(module, args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(args)
+    assert exit_.value.code == 2
+    assert "--" in capsys.readouterr().err
+
+
+def test_stability_quick_may_not_name_the_committed_results(capsys):
+    from benchmarks.stability.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quick", "--out", str(Path(__file__).parents[1] / "benchmarks" / "stability" / "results")])
+    assert exit_.value.code == 2 and "never writes the committed results" in capsys.readouterr().err
+
+
+def test_readme_figures_come_from_the_commands_that_wrote_them():
+    from benchmarks import main_job
+
+    readme = report.README.read_text()
+    # The main job's figures: the sentence main_job writes from its stored summary.
+    stored = json.loads(main_job.PATH.read_text())
+    assert f"<!-- main-job:begin -->{main_job.sentence(stored)}<!-- main-job:end -->" in readme
+    assert not stored["diverged"] and stored["best_val_loss"] < stored["first_loss"]
+    # The stability table: what the full stability run wrote into results.md beside its plots.
+    sweep = (Path(report.README).parent / "benchmarks/stability/results/results.md").read_text().split("\n\nGradients")[0]
+    assert f"<!-- stability:begin -->\n{sweep}\n<!-- stability:end -->" in readme
+    # The headline numbers: the block the cost model renders from its stored results.
+    data = json.loads((results.RESULTS / "cost_model.json").read_text())
+    assert report.readme_block(data) in readme
+
+
+def test_replace_block_rewrites_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("a <!-- x:begin -->old<!-- x:end --> b <!-- y:begin -->keep<!-- y:end -->\n")
+    report.replace_block(readme, "x", "new")
+    assert readme.read_text() == "a <!-- x:begin -->new<!-- x:end --> b <!-- y:begin -->keep<!-- y:end -->\n"
+    with pytest.raises(RuntimeError, match="no <!-- z:begin -->"):
+        report.replace_block(readme, "z", "new")

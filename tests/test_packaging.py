@@ -13,16 +13,17 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def _run_from_root(*parts: str) -> str:
-    """Run `parts` as `python -c` does from the repository root: the root first on sys.path."""
+def _run(cwd, *parts: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `parts` as `python -c` does from `cwd`: cwd first on sys.path."""
     code = "\n".join(textwrap.dedent(part) for part in parts)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 or not check, out.stderr[-3000:]
+    return out
+
+
+def _run_from_root(*parts: str) -> str:
+    return _run(ROOT, *parts).stdout
 
 
 def _has_distribution(name: str) -> bool:
@@ -47,7 +48,10 @@ _OURS_ONLY_ONCE = """
 
 
 @pytest.mark.skipif(not _has_distribution("kernels"), reason="Hugging Face's kernels is not installed")
-def test_top_level_kernels_from_the_root_is_hugging_faces():
+def test_top_level_kernels_from_the_root_is_hugging_faces(tmp_path):
+    elsewhere = _run(tmp_path, "import os, kernels; print(os.path.abspath(kernels.__file__))", check=False)
+    if elsewhere.returncode:  # e.g. beside an older huggingface_hub: it fails wherever it is imported from
+        pytest.skip(f"Hugging Face's kernels does not import here: {elsewhere.stderr.strip().splitlines()[-1]}")
     out = _run_from_root(
         """
         import os, sys
@@ -59,7 +63,7 @@ def test_top_level_kernels_from_the_root_is_hugging_faces():
     )
     path = Path(out.strip().splitlines()[-1])
     assert path.parent != ROOT / "kernels"
-    assert path.parent.name == "kernels" and "site-packages" in path.parts
+    assert path == Path(elsewhere.stdout.strip())
 
 
 def test_transformers_from_the_root_sees_its_kernels_and_ours_register_once():

@@ -1,7 +1,7 @@
 """The stability benchmark: do the stabilisers work at a scale that runs on 2 CPU cores?
 
     python -m benchmarks.stability            # the full mode (committed results; ~30-60 min on 2 cores)
-    python -m benchmarks.stability --quick    # a few minutes: a tiny grid, end to end
+    python -m benchmarks.stability --quick    # about a minute: a tiny grid, end to end
 
 1. Gradients at init (Spike No More): per-layer gradient norm and the residual stream's std
    entering each layer, for a deep narrow model under each recipe.
@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..report import README, replace_block
+from ..results import output_folder
+
+COMMITTED = Path(__file__).parent / "results"
 
 from .analysis import gradients_at_init, largest_stable_lr, lr_sensitivity
 
@@ -123,7 +128,8 @@ def summarise(rows: list[dict], setup: Setup) -> list[dict]:
     return table
 
 
-def write_markdown(table: list[dict], init: list[dict], setup: Setup, path: Path) -> None:
+def sweep_markdown(table: list[dict], setup: Setup) -> str:
+    """The setup line and the learning-rate table: results.md's first part and the README's block."""
     fmt = lambda x: "diverged" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
     lines = [
         f"Model: {setup.n_layer} layers, {setup.n_embd} wide, {setup.n_head} heads, byte-level, context {setup.seq_len}, "
@@ -137,6 +143,11 @@ def write_markdown(table: list[dict], init: list[dict], setup: Setup, path: Path
         cells = [fmt(t["loss_by_lr"][lr]) for lr in setup.lrs]
         lines.append(f"| {t['variant']} | " + " | ".join(cells) + f" | {fmt(t['best_loss'])} | {t['lr_sensitivity']:.3f} | "
                      f"{t['largest_stable_lr'] if t['largest_stable_lr'] else '-'} | {t['spikes']} | {t['max_grad_norm']:.2f} | {t['max_attn_logit']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_markdown(table: list[dict], init: list[dict], setup: Setup, path: Path) -> None:
+    lines = [sweep_markdown(table, setup)]
     lines += ["", f"Gradients at init ({setup.init_layers} layers, {setup.init_width} wide): first / last layer gradient norm, "
               "and the std of the residual stream entering layer 1.", "",
               "| recipe | grad first / last | std into layer 1 |", "|---|---|---|"]
@@ -205,10 +216,12 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a tiny grid that finishes in a few minutes")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--quick", action="store_true", help="a tiny grid, end to end (about a minute on 2 idle cores)")
+    p.add_argument("--out", type=Path, help="results folder (default: the committed benchmarks/stability/results for "
+                   "a full run, runs/benchmarks/stability-quick for --quick)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs trained at once")
     args = p.parse_args(argv)
+    args.out = output_folder(p, COMMITTED, args.out, args.quick, "stability-quick")
     setup = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     init_recipes = [v for v in setup.variants if not VARIANTS[v][1]]
@@ -221,6 +234,8 @@ def main(argv=None) -> dict:
         w.writerows(rows)
     (args.out / "init.json").write_text(json.dumps(init, indent=1) + "\n")
     write_markdown(table, init, setup, args.out / "results.md")
+    if args.out.resolve() == COMMITTED.resolve():  # a full run into the committed results: the README follows
+        replace_block(README, "stability", "\n" + sweep_markdown(table, setup) + "\n")
     plots = plot(table, rows, init, setup, args.out)
     print((args.out / "results.md").read_text())
     return {"rows": rows, "table": table, "init": init, "plots": plots}
