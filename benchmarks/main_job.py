@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="stableblocks-main-job-") as folder:
         start = time.perf_counter()
-        summary = run(TrainConfig(out_dir=folder, plot=False))
+        summary = run(TrainConfig(out_dir=str(Path(folder) / "main-job"), plot=False))
         wall = time.perf_counter() - start
     data = {k: summary[k] for k in ("first_loss", "final_loss", "best_val_loss", "tokens_per_s", "diverged")}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where `stableblocks train` runs by default
