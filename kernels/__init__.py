@@ -9,11 +9,12 @@ if __name__ == "stableblocks.kernels":
     from .fused_add_norm import fused_add_norm
     from .fused_attention import fused_attention
     from .fused_embedding import fused_embedding
+    from .fused_linear_cross_entropy import fused_linear_cross_entropy
     from .layer_norm import layer_norm
 
     load_kernels()
 
-    __all__ = ["fused_add_norm", "fused_attention", "fused_embedding", "get_backend", "layer_norm", "set_backend"]
+    __all__ = ["fused_add_norm", "fused_attention", "fused_embedding", "fused_linear_cross_entropy", "get_backend", "layer_norm", "set_backend"]
 else:
     # This folder is installed as stableblocks.kernels only. From a checkout's root (`python -m`,
     # plain `pytest`, a script beside it) it is also found as a top-level `kernels`: the name of

@@ -82,7 +82,7 @@ def load_kernels() -> None:
 
     if importlib.util.find_spec("triton") is None:
         return
-    for op in ("layer_norm", "fused_embedding", "fused_add_norm", "fused_attention"):
+    for op in ("layer_norm", "fused_embedding", "fused_add_norm", "fused_attention", "fused_linear_cross_entropy"):
         name = f"{__package__}.{op}_triton"
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
