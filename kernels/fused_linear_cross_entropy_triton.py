@@ -38,12 +38,16 @@ def _logit_tile(H, W, Bias, row, row_ok, col, col_ok, stride_h, width, softcap,
                 BLOCK_D: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """(u, z) for BLOCK_N rows x BLOCK_V vocabulary entries, fp32; z = softcap * tanh(u / softcap)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    k = tl.arange(0, BLOCK_D)
+    h_ptr = H + row[:, None] * stride_h + k[None, :]
+    w_ptr = W + col.to(tl.int64)[:, None] * width + k[None, :]
     for d0 in range(0, width, BLOCK_D):
-        k = d0 + tl.arange(0, BLOCK_D)
-        k_ok = k < width
-        h = tl.load(H + row[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + col[:, None] * width + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        k_ok = k < width - d0
+        h = tl.load(h_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(h, tl.trans(w.to(h.dtype)), acc, DOT_UPCAST)
+        h_ptr += BLOCK_D
+        w_ptr += BLOCK_D
     if HAS_BIAS:
         acc += tl.load(Bias + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -111,8 +115,9 @@ def _flce_bwd_logits(
     T,  # *int (n_rows,) targets of this chunk
     LSE,  # *fp32 (n_rows,)
     G,  # *fp32 (n_rows,) gradient of each token's loss term
-    DU,  # *(n_rows, vocab) output: d u, contiguous, H's dtype
+    DU,  # *(n_rows, vocab) output: d u, H's dtype, row stride stride_du
     stride_h,
+    stride_du,  # vocab rounded up to a multiple of 16 elements: aligned rows for the d weight matmul
     n_rows,
     vocab,
     width,
@@ -145,7 +150,7 @@ def _flce_bwd_logits(
         c = z / softcap
         dz = dz * (1.0 - c * c)
     ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(DU + row[:, None] * vocab + col[None, :], cast_rtne(dz, DU.dtype.element_ty), mask=ok)
+    tl.store(DU + row[:, None] * stride_du + col[None, :], cast_rtne(dz, DU.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -173,19 +178,22 @@ def _flce_matmul(
     n_ok = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = rk < K
-        a = tl.load(A + rm64[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(B + rk[:, None] * stride_bk + rn64[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc = _dot(a, b.to(a.dtype), acc, DOT_UPCAST)
     ok = m_ok[:, None] & n_ok[None, :]
     c_ptr = C + rm64[:, None] * N + rn64[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptr, mask=ok, other=0.0)
+    if ACCUMULATE:  # start from C: no second tile live at the end
+        acc = tl.load(c_ptr, mask=ok, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptr = A + rm64[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptr = B + rk[:, None] * stride_bk + rn64[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b.to(a.dtype), acc, DOT_UPCAST)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
     tl.store(c_ptr, cast_rtne(acc, C.dtype.element_ty), mask=ok)
 
 
@@ -196,12 +204,13 @@ def tiles(dtype: torch.dtype, interpreting: bool = False) -> dict:
     tests at tiny sizes cross several row, vocabulary and width tiles."""
     if interpreting:
         t = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4)
-        return dict(logits=t, matmul=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4))
+        return dict(fwd=t, bwd_logits=t, matmul=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4))
+    # Chosen by tests/test_kernels_fused_linear_cross_entropy.py's AOT check: no spills on sm_80, sm_90a.
     if dtype == torch.float32:  # 3xTF32 keeps high and low parts live: smaller tiles
-        return dict(logits=dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4),
-                    matmul=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4))
-    return dict(logits=dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8),
-                matmul=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8))
+        t = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8)
+        return dict(fwd=t, bwd_logits=t, matmul=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4))
+    t = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8)
+    return dict(fwd=t, bwd_logits=t, matmul=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8))
 
 
 def _upcast(x: torch.Tensor) -> int:
@@ -234,7 +243,7 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     loss, lse, umax = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
     if n_rows:
         weight = weight.contiguous()
-        cfg = dict(tiles(hidden.dtype, backend.interpreting())["logits"])
+        cfg = dict(tiles(hidden.dtype, backend.interpreting())["fwd"])
         warps = cfg.pop("num_warps")
         _flce_fwd[(triton.cdiv(n_rows, cfg["BLOCK_N"]),)](
             hidden, weight, weight if bias is None else bias.contiguous(), targets, loss, lse, umax,
@@ -265,16 +274,17 @@ def flce_bwd(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: 
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
     db = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     cfg = tiles(hidden.dtype, backend.interpreting())
-    logits = dict(cfg["logits"])
+    logits = dict(cfg["bwd_logits"])
     warps = logits.pop("num_warps")
     rows = chunk_rows(n_rows, vocab, logits["BLOCK_N"])
-    du = torch.empty((min(rows, n_rows), vocab), dtype=hidden.dtype, device=hidden.device) if n_rows else None
+    padded = triton.cdiv(vocab, 16) * 16
+    du = torch.empty((min(rows, n_rows), padded), dtype=hidden.dtype, device=hidden.device)[:, :vocab] if n_rows else None
     for start in range(0, n_rows, rows):
         end = min(start + rows, n_rows)
         h, dz = hidden[start:end], du[:end - start]
         _flce_bwd_logits[(triton.cdiv(end - start, logits["BLOCK_N"]), triton.cdiv(vocab, logits["BLOCK_V"]))](
             h, weight, weight if bias is None else bias.contiguous(), targets[start:end], lse[start:end],
-            g[start:end], dz, hidden.stride(0), end - start, vocab, width, ignore_index,
+            g[start:end], dz, hidden.stride(0), padded, end - start, vocab, width, ignore_index,
             1.0 if softcap is None else softcap, z_loss, HAS_BIAS=int(bias is not None),
             SOFTCAP=int(softcap is not None), DOT_UPCAST=_upcast(hidden), num_warps=warps, **logits)
         _matmul(dz, weight, dh[start:end], False, cfg["matmul"])
@@ -316,9 +326,10 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, soft
     return flce_fwd(hidden, weight, bias, targets, ignore_index, softcap, z_loss)
 
 
-def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90)) -> list:
-    """aot.CompileJobs for the three kernels as the launchers run them on a GPU (soft-cap, z-loss
-    and bias on: the most registers)."""
+def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90), width=768, vocab=50257) -> list:
+    """aot.CompileJobs for the kernels as the launchers run them on a GPU at GPT-2's sizes (soft-cap
+    and bias on: the most registers). Like the JIT: strides of 1 become constants, and pointers and
+    integers divisible by 16 (d, the padded d u rows) are marked so."""
     from .aot import CompileJob
 
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -326,24 +337,31 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90)) -> list:
     for dtype in dtypes:
         ty = names[dtype]
         cfg = tiles(dtype)
-        logits = {k: v for k, v in cfg["logits"].items() if k != "num_warps"}
-        matmul = {k: v for k, v in cfg["matmul"].items() if k != "num_warps"}
-        flags = {"HAS_BIAS": 1, "SOFTCAP": 1, "DOT_UPCAST": 0}
         common = {"H": f"*{ty}", "W": "*fp32", "Bias": "*fp32", "T": "*i64"}
         scalars = {"stride_h": "i32", "n_rows": "i32", "vocab": "i32", "width": "i32", "ignore_index": "i32",
                    "softcap": "fp32", "z_loss": "fp32"}
-        fwd = {**common, "LOSS": "*fp32", "LSE": "*fp32", "UMAX": "*fp32", **scalars}
-        bwd = {**common, "LSE": "*fp32", "G": "*fp32", "DU": f"*{ty}", **scalars}
-        mm = {"A": f"*{ty}", "B": "*fp32", "C": "", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-              "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32"}
+        sigs = {"_flce_fwd": {**common, "LOSS": "*fp32", "LSE": "*fp32", "UMAX": "*fp32", **scalars},
+                "_flce_bwd_logits": {**common, "LSE": "*fp32", "G": "*fp32", "DU": f"*{ty}", **scalars,
+                                     "stride_du": "i32"}}
+        aligned = ["stride_h", "width", "stride_du"]
         for arch in archs:
-            warps = cfg["logits"]["num_warps"]
-            jobs.append(CompileJob(__name__, "_flce_fwd", fwd, {**logits, **flags}, arch, warps))
-            jobs.append(CompileJob(__name__, "_flce_bwd_logits", bwd, {**logits, **flags}, arch, warps))
-            # d hidden = d u W (weight as B), d weight += d u^T h (hidden as B, fp32 accumulator as C).
-            for b_ty, c_ty, acc in (("*fp32", f"*{ty}", 0), (f"*{ty}", "*fp32", 1)):
-                jobs.append(CompileJob(__name__, "_flce_matmul", {**mm, "B": b_ty, "C": c_ty},
-                                       {**matmul, "ACCUMULATE": acc, "DOT_UPCAST": 0}, arch, cfg["matmul"]["num_warps"]))
+            for kernel, sig in sigs.items():
+                tile = dict(cfg[kernel.removeprefix("_flce_")])
+                warps = tile.pop("num_warps")
+                jobs.append(CompileJob(__name__, kernel, sig, {**tile, "HAS_BIAS": 1, "SOFTCAP": 1, "DOT_UPCAST": 0},
+                                       arch, warps, divisible_by_16=[*(k for k in sig if sig[k][0] == "*"),
+                                                                     *(a for a in aligned if a in sig)]))
+            # d hidden = d u W: A = d u (unit column stride), B = the fp32 weight (unit column stride).
+            # d weight += d u^T h: A = d u^T (unit row stride), B = hidden, C = the fp32 accumulator.
+            tile = dict(cfg["matmul"])
+            warps = tile.pop("num_warps")
+            for b_ty, c_ty, acc, unit, strides in (("*fp32", f"*{ty}", 0, "stride_ak", ("stride_am", "stride_bk")),
+                                                   (f"*{ty}", "*fp32", 1, "stride_am", ("stride_ak", "stride_bk"))):
+                sig = {"A": f"*{ty}", "B": b_ty, "C": c_ty, "M": "i32", "N": "i32", "K": "i32",
+                       **{name: "i32" for name in strides}}
+                jobs.append(CompileJob(__name__, "_flce_matmul", sig, {**tile, unit: 1, "stride_bn": 1,
+                                                                      "ACCUMULATE": acc, "DOT_UPCAST": 0},
+                                       arch, warps, divisible_by_16=["A", "B", "C", "N", *strides]))
     return jobs
 
 
