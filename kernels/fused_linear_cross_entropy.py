@@ -154,8 +154,8 @@ def _check(hidden, weight, targets, bias, ignore_index, softcap, z_loss, reducti
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     vocab = weight.shape[0]
-    if torch.compiler.is_compiling():
-        # A Python branch on the values would break the graph; a failed check raises when it runs.
+    if torch.compiler.is_compiling() or targets.device.type != "cpu":
+        # No graph break, no host sync: a device assert (a RuntimeError when the step runs).
         torch._assert_async(((targets >= 0) & (targets < vocab) | (targets == ignore_index)).all(),
                             f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}")
     elif targets.numel():
@@ -180,6 +180,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """
     _check(hidden, weight, targets, bias, ignore_index, softcap, z_loss, reduction)
     h = hidden.reshape(-1, hidden.shape[-1])
+    if torch.is_autocast_enabled(h.device.type):  # the matmul in autocast's dtype, as F.linear's would be
+        h = h.to(torch.get_autocast_dtype(h.device.type))
     t = targets.reshape(-1)
     unsupported = None
     if hidden.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:

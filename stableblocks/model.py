@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .config import StableConfig
 from .init import init_weights
+from .kernels import fused_linear_cross_entropy
 from .modules import LayerNorm, StableBlock, StableEmbedding, StableLinear
 
 
@@ -51,7 +52,9 @@ class StableGPT(nn.Module):
         return n - self.embed.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None). targets == -1 are ignored."""
+        """idx (B, T) token ids -> (logits (B, T, vocab), None); with targets, (None, loss): the loss
+        comes from fused_linear_cross_entropy, which never forms the logits. targets == -1 are
+        ignored; when all are, the loss is 0 (with zero gradients)."""
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
             got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx: expected an int64 or int32 tensor of token ids, got {got}")
@@ -62,25 +65,15 @@ class StableGPT(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         cap = self.config.logit_softcap
+        if targets is not None:
+            return None, fused_linear_cross_entropy(x, self.lm_head.effective_weight(), targets, self.lm_head.bias,
+                                                    ignore_index=-1, softcap=cap, z_loss=self.config.z_loss)
+        logits = self.lm_head(x)
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits, None
-        return logits, self.loss(logits, targets)
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        targets = targets.reshape(-1)
-        loss = F.cross_entropy(flat, targets, ignore_index=-1)
-        if self.config.z_loss > 0:
-            # Mean over the counted rows by weighting, not boolean indexing: a data-dependent
-            # shape would break torch.compile's graph.
-            counted = (targets != -1).to(flat.dtype)
-            log_z = torch.logsumexp(flat, dim=-1)
-            loss = loss + self.config.z_loss * (log_z.pow(2) * counted).sum() / counted.sum()
-        return loss
+        return logits, None
 
     def param_groups(self, weight_decay: float, gate_weight_decay: float = 0.0) -> list[dict]:
         embeddings = (self.embed.wte.weight, self.embed.wpe.weight)

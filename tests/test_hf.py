@@ -48,7 +48,9 @@ def test_gpt2_recipe_keeps_logits_and_gradients(activation):
     model = patch_gpt2(copy.deepcopy(original), "gpt2")
     x = idx()
     ref, out = original(x, labels=x), model(x, labels=x)
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert out.logits is None  # training with labels: the fused loss never forms them
+    torch.testing.assert_close(model(x).logits, original(x).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
     ref.loss.backward()
     out.loss.backward()
     for name, p in original.named_parameters():
@@ -355,3 +357,22 @@ def test_refused_hf_options_name_themselves(make, call, match):
     with pytest.raises(ValueError, match=match):
         model = patch_gpt2(make(), "qk-norm")
         call(model)
+
+
+def test_labels_loss_is_fused_and_follows_hf_rules():
+    """Training with labels: HF's shift, -100 ignored, num_items_in_batch; loss and gradients as
+    transformers' own, without logits. Every label ignored: 0, where HF's mean gives NaN."""
+    original = gpt2()
+    model = patch_gpt2(copy.deepcopy(original), "gpt2")
+    x = idx()
+    labels = x.masked_fill(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3, -100)
+    for extra in ({}, {"num_items_in_batch": 11}):
+        ref, out = original(x, labels=labels, **extra), model(x, labels=labels, **extra)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    wte = model.transformer.wte.weight
+    grad = torch.autograd.grad(model(x, labels=labels).loss, wte)[0]
+    ref_grad = torch.autograd.grad(original(x, labels=labels).loss, original.transformer.wte.weight)[0]
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    assert model(x, labels=torch.full_like(x, -100)).loss.item() == 0.0
+    assert original(x, labels=torch.full_like(x, -100)).loss.isnan()

@@ -182,12 +182,21 @@ def test_logit_softcap_and_z_loss():
     plain = sb.StableGPT(sb.recipe("gpt2", **TINY))
     capped = sb.StableGPT(sb.recipe("gpt2", logit_softcap=0.5, z_loss=1e-2, **TINY))
     capped.load_state_dict(plain.state_dict())
-    logits, loss = plain(idx, idx)
-    c_logits, c_loss = capped(idx, idx)
+    logits, c_logits = plain(idx)[0], capped(idx)[0]
     torch.testing.assert_close(c_logits, 0.5 * torch.tanh(logits / 0.5))
-    flat = c_logits.reshape(-1, 64)
-    want = F.cross_entropy(flat, idx.reshape(-1)) + 1e-2 * torch.logsumexp(flat, -1).pow(2).mean()
+    # With targets the model returns no logits; its fused loss equals the eager formula on them.
+    targets = idx.clone()
+    targets[0, :5] = -1
+    none, c_loss = capped(idx, targets)
+    assert none is None
+    flat, kept = c_logits.reshape(-1, 64), targets.reshape(-1) != -1
+    want = (F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+            + 1e-2 * torch.logsumexp(flat[kept], -1).pow(2).mean())
     torch.testing.assert_close(c_loss, want)
+    # Every target ignored: 0 with zero gradients (the eager formula's mean over nothing is NaN).
+    loss = capped(idx, torch.full_like(idx, -1))[1]
+    loss.backward()
+    assert loss.item() == 0.0 and all(not p.grad.any() for p in capped.parameters())
 
 
 def test_low_rank_attention_trains_and_has_rank_r():

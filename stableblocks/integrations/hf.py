@@ -26,14 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 try:
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
-    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("stableblocks.integrations.hf needs transformers: pip install 'stableblocks[hf]'") from e
 
 from ..config import StableConfig
 from ..init import fold_wesar_gates, init_weights
-from ..kernels import fused_embedding
+from ..kernels import fused_embedding, fused_linear_cross_entropy
 from ..model import StableGPT
 from ..modules import LayerNorm, StableBlock, StableLinear
 from ..recipes import recipe as make_recipe
@@ -182,6 +182,8 @@ def patch_gpt2(model, recipe: str | StableConfig = "stable", reinit: bool = Fals
     body.drop.p = cfg.dropout
     body.stable_config = cfg
     body.forward = MethodType(_patched_forward, body)
+    if getattr(model, "lm_head", None) is not None:
+        model.forward = MethodType(_patched_lm_forward, model)
     model.resize_token_embeddings = MethodType(_patched_resize, model)
     _sync_hf_config(model, cfg)
     if reinit:
@@ -255,6 +257,28 @@ def _patched_forward(self, input_ids=None, *, attention_mask=None, position_ids=
     return out.to_tuple() if return_dict is False else out
 
 
+def _patched_lm_forward(self, input_ids=None, *, labels=None, num_items_in_batch=None, return_dict=None, **kwargs):
+    """GPT2LMHeadModel.forward of a patched model. With labels, the loss comes from
+    fused_linear_cross_entropy under HF's rules (labels shifted by one token, -100 ignored, the sum
+    divided by num_items_in_batch when the Trainer passes it) and, in training mode, the logits are
+    not formed (None). Without labels, transformers' own forward."""
+    if labels is None:
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return type(self).forward(self, input_ids, return_dict=return_dict, **kwargs, **extra)
+    out = self.transformer(input_ids, **kwargs)
+    hidden = out.last_hidden_state
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+    head = self.lm_head  # HF's nn.Linear when tied, a StableLinear (maybe gated) when not
+    weight = head.effective_weight() if isinstance(head, StableLinear) else head.weight
+    loss = fused_linear_cross_entropy(hidden, weight, targets, head.bias,
+                                      ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    logits = None if self.training else self.lm_head(hidden)
+    result = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, hidden_states=out.hidden_states)
+    return result.to_tuple() if return_dict is False else result
+
+
 def _patched_resize(self, *args, **kwargs):
     """transformers' resize_token_embeddings, then the recorded StableConfig follows the new vocabulary
     (save_pretrained writes it; load_patched rebuilds the model from it). An untied head stays a
@@ -298,6 +322,8 @@ def unpatch_gpt2(model):
     for name, module in new.items():
         setattr(model if name == "lm_head" else body, name, module.to(ref.device, ref.dtype).train(model.training))
     del body.forward, body.stable_config, body.ln_embed, model.resize_token_embeddings
+    if "forward" in vars(model):
+        del model.forward
     _sync_hf_config(model, None)
     return model
 
