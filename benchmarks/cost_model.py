@@ -7,7 +7,8 @@
    bytes, FlashAttention-2's traffic model (attention) and the eager composition (dispatcher);
 2. activation memory per block per token, StableBlock under every recipe vs HF GPT-2's block;
 3. the static compile report for sm_80 / sm_90a;
-4. CPU training throughput of StableGPT vs nanoGPT, and the diagnostics' overhead in training.
+4. CPU training throughput of StableGPT vs nanoGPT, and the diagnostics' overhead in training;
+5. memory of the loss step (LM head + cross-entropy): materialising vs fused_linear_cross_entropy.
 
 Ops without a Triton kernel are reported as "no kernel yet". Results: benchmarks/results/
 (cost_model.json, cost_model.csv appended, PNGs, README.md); projections to H100 are computed
@@ -28,14 +29,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from . import activation_memory, bytes_moved, compile_report, ops, report, results, throughput  # noqa: E402
+from . import activation_memory, bytes_moved, compile_report, loss_memory, ops, report, results, throughput  # noqa: E402
 
 DTYPE, PARAM_DTYPE = ops.TRAINING_DTYPE, ops.TRAINING_PARAM_DTYPE
 # Small shapes the interpreter runs in seconds; bytes per token scale linearly in the token count
 # (the embedding's vocabulary is 6x the tokens, like GPT-2's 50304 rows against 8192 tokens).
 NORM_SHAPE = ops.Shape(B=4, T=256, d=768, vocab=6 * 1024)
 ATTENTION_SHAPE = ops.Shape(B=1, T=256, d=128, D=64)  # 2 heads; the FA2 model uses the kernel's blocks
-PARTS = ("bytes", "activation", "compile", "throughput")
+PARTS = ("bytes", "activation", "compile", "throughput", "loss")
 
 
 def measure_bytes(quick: bool, progress) -> list[dict]:
@@ -64,6 +65,12 @@ def measure_throughput(quick: bool, progress) -> dict:
     kw = dict(steps=2, repeats=2, warmup=1) if quick else dict(steps=10, repeats=7)
     return {"training": throughput.training_throughput(progress=progress, **kw),
             "diagnostics": throughput.diagnostics_overhead(progress=progress, **(dict(steps=4, repeats=1) if quick else {}))}
+
+
+def measure_loss(quick: bool, progress) -> dict:
+    # GPT-2 small's head over B = 8 sequences of T = 1024 tokens.
+    kw = dict(N=256, d=64, V=1000, check_N=(64,)) if quick else dict(N=8192, d=768, V=50257)
+    return loss_memory.measure(dtype=DTYPE, param_dtype=PARAM_DTYPE, progress=progress, **kw)
 
 
 def csv_rows(data: dict, parts=PARTS) -> list[dict]:
@@ -123,6 +130,13 @@ def csv_rows(data: dict, parts=PARTS) -> list[dict]:
         else:
             rows.append(results.row("train_command", "diagnostics", "train", "", "tokens_per_s", "tokens/s", **stamp,
                                     note=diag["status"]))
+    loss = data.get("loss")
+    if loss:
+        shape = f"N={loss['N']} d={loss['d']} V={loss['V']} {loss['dtype']} params={loss['param_dtype']}"
+        for r in loss["rows"]:
+            for metric in ("peak", "held_after_forward"):
+                rows.append(results.row("loss_step", r["path"], "forward+backward", shape, f"{metric}_bytes", "B", r[metric],
+                                        **stamp, note="fake tensors; gradients included" if metric == "peak" else "fake tensors"))
     return rows
 
 
@@ -161,6 +175,8 @@ def main(argv=None) -> dict:
                 data["activation"] = measure_activation(args.quick, progress)
             elif part == "compile":
                 data["compile"] = measure_compile(progress)
+            elif part == "loss":
+                data["loss"] = measure_loss(args.quick, progress)
             else:
                 data["throughput"] = measure_throughput(args.quick, progress)
             out.mkdir(parents=True, exist_ok=True)

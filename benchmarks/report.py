@@ -179,6 +179,52 @@ def throughput_table(data: dict) -> str:
     return text
 
 
+def _mb(n) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e7 else f"{n / 1e6:,.2f} MB"
+
+
+def loss_table(data: dict) -> str:
+    loss = data.get("loss")
+    if not loss:
+        return "Not measured."
+    names = {"eager": "eager (materialising: h W^T, fp32 upcast, F.cross_entropy)", "reference": "chunked reference",
+             "triton": "Triton (launcher's buffers, GPU tiles)"}
+    rows = [[names[r["path"]], _mb(r["held_after_forward"]), _mb(r["peak"]), _mb(r["gradients"]), _fmt(r["ratio_vs_eager"]),
+             ", ".join(f"{n}: {_mb(p)}" for n, p in r["scaling"])] for r in loss["rows"]]
+    text = (f"N = {loss['N']} tokens, d = {loss['d']}, V = {loss['V']}, {loss['dtype']} activations, {loss['param_dtype']} "
+            "weights. Bytes above the inputs, from every storage the step allocates (a dispatch mode over fake "
+            "tensors); the peak includes the gradients d hidden and d weight.\n\n")
+    text += _table(["path", "held after forward", "peak (fwd + bwd)", "of which gradients", "peak vs eager",
+                    "peak at fewer tokens"], rows)
+    if loss["checks"]:
+        text += "\n\nFake vs real (CPU) peaks: " + "; ".join(
+            f"{c['path']} N={c['N']}: {_mb(c['fake_peak'])} / {_mb(c['real_peak'])}" for c in loss["checks"])
+    text += "\n\nPublished anchors (other configs, peak memory as each measures it):\n\n" + _table(
+        ["", "config", "eager", "fused", "ratio", "note"],
+        [[a["name"], a["config"], f"{a['eager_mb']:,.0f} MB", f"{a['fused_mb']:,.0f} MB", _fmt(a["fused_mb"] / a["eager_mb"]),
+          a["note"]] for a in loss["anchors"]])
+    return text
+
+
+def step_memory_table(data: dict, n_layer: int = 12) -> str:
+    """Activations per training step, end to end: n_layer blocks' saved bytes plus the loss step's peak."""
+    loss, act = data.get("loss"), data.get("activation")
+    if not loss or not act or act.get("T") is None or loss["N"] % act["T"] or act.get("d") != loss["d"]:
+        return "Needs the activation and loss parts at the same d (and N a multiple of T)."
+    heads = {r["path"]: r["peak"] for r in loss["rows"]}
+    out = []
+    for r in act["rows"]:
+        if r["bytes_per_token"] is None or not (r["block"] in ("StableBlock:gpt2", "hf:GPT2Block")):
+            continue
+        head = "eager" if r["block"].startswith("hf:") else "triton" if r["backend"] == "triton" else "reference"
+        blocks = n_layer * r["bytes_per_token"] * loss["N"]
+        for h in dict.fromkeys((head, "eager")):
+            out.append([f"`{r['block']}` ({r['backend']})", h, _mb(blocks), _mb(heads[h]), _mb(blocks + heads[h])])
+    return (f"{n_layer} blocks' saved activations plus the loss step's peak, {loss['N']} tokens (B x T = "
+            f"{loss['N'] // act['T']} x {act['T']}), d = {loss['d']}; embeddings and the blocks' backward "
+            "temporaries not included.\n\n" + _table(["blocks", "loss head", "blocks", "loss step", "total"], out))
+
+
 # --- goals ------------------------------------------------------------------------------------------
 
 
@@ -242,6 +288,12 @@ def goals(data: dict) -> list[tuple[str, str, str]]:
             out.append(("attention matmuls on tensor cores", "no kernel yet", "not measured"))
     else:
         out.append(("0 register spills; tensor cores in attention", "no kernel yet", "not measured"))
+    loss = data.get("loss")
+    if loss:
+        worst = max((r for r in loss["rows"] if r["path"] != "eager"), key=lambda r: r["ratio_vs_eager"])
+        out.append((f"loss step memory (N = {loss['N']}, V = {loss['V']}) <= 0.1x the materialising path",
+                    ", ".join(f"{r['path']} {r['ratio_vs_eager']:.3f}x" for r in loss["rows"] if r["path"] != "eager"),
+                    "met" if worst["ratio_vs_eager"] <= 0.1 else "NOT met"))
     tp = data.get("throughput")
     if tp:
         train = tp["training"]
@@ -448,6 +500,14 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Pa
         f"{data.get('activation', {}).get('dtype', '')}, training mode, dropout 0.",
         "",
         activation_table(data),
+        "",
+        "## Loss step memory (LM head + cross-entropy)",
+        "",
+        loss_table(data),
+        "",
+        "## Activation memory per training step",
+        "",
+        step_memory_table(data),
         "",
         "## Static compile report (sm_80, sm_90a)",
         "",
