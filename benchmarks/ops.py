@@ -4,7 +4,8 @@ A *case* is one op with one setting of its options (e.g. fused_add_norm with a p
 next pre-norm). A *provider* computes a case: "triton" (stableblocks' kernel), "eager" (the op's
 plain-PyTorch reference, i.e. the composition a user would write), "compile" (torch.compile of
 that reference) and, for attention, "sdpa", "flex" (FlexAttention with a soft-cap score_mod) and
-"flash_attn" (if installed). Every case also knows its unavoidable bytes (each input read once,
+"flash_attn" (if installed). For fused_linear_cross_entropy "eager" is the materialising formula
+(the (N, V) logits, F.cross_entropy) and "reference" the op's chunked plain-PyTorch path. Every case also knows its unavoidable bytes (each input read once,
 each output written once) and, for attention, its FLOPs.
 """
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stableblocks.kernels import backend, fused_add_norm, fused_attention, fused_embedding, layer_norm
+from stableblocks.kernels import (backend, fused_add_norm, fused_attention, fused_embedding, fused_linear_cross_entropy,
+                                  layer_norm)
 
 MODES = ("forward", "backward", "forward+backward")
 SOFTCAP = 50.0  # the qk-norm-cap recipe's cap
@@ -33,7 +35,7 @@ class Shape:
     T: int
     d: int
     D: int = 64
-    vocab: int = 50304  # fused_embedding only
+    vocab: int = 50304  # fused_embedding and fused_linear_cross_entropy only
 
     @property
     def H(self) -> int:
@@ -61,6 +63,8 @@ class Case:
         if self.op == "fused_embedding":  # its activations are its tables' dtype
             parts["V"] = shape.vocab
             dtype = param_dtype or dtype
+        if self.op == "fused_linear_cross_entropy":
+            parts["V"] = shape.vocab
         label = " ".join(f"{k}={v}" for k, v in parts.items()) + f" {dtype_name(dtype)}"
         if param_dtype not in (None, dtype):
             label += f" params={dtype_name(param_dtype)}"
@@ -86,6 +90,8 @@ CASES = [
     Case("fused_attention", "causal", {"norm": (), "softcap": None}),
     Case("fused_attention", "qk-norm-cap", {"norm": ("q", "k"), "softcap": SOFTCAP}),
     Case("fused_attention", "qkv-norm", {"norm": ("q", "k", "v"), "softcap": None}),
+    # LM head + cross-entropy: hidden states (B, T, d), the head weight (vocab, d), targets.
+    Case("fused_linear_cross_entropy", "plain"),
 ]
 OPS = tuple(dict.fromkeys(c.op for c in CASES))
 
@@ -181,18 +187,24 @@ def _make(case: Case, shape: Shape, rand, gen, device) -> Inputs:
             kwargs[f"{name}_norm"] = pair
             leaves += list(pair)
         return Inputs((q, k, v), kwargs, leaves)
+    if case.op == "fused_linear_cross_entropy":
+        h, w = rand(B, T, d), rand(shape.vocab, d, scale=0.02, param=True)
+        targets = torch.randint(shape.vocab, (B, T), generator=gen).to(device)
+        return Inputs((h, w, targets), {}, [h, w])
     raise ValueError(f"case: unknown op {case.op!r}")
 
 
 # --- providers ----------------------------------------------------------------------------------
 
 PUBLIC = {"layer_norm": layer_norm, "fused_embedding": fused_embedding, "fused_add_norm": fused_add_norm,
-           "fused_attention": fused_attention}
+           "fused_attention": fused_attention, "fused_linear_cross_entropy": fused_linear_cross_entropy}
+# The eager composition a user would write, where it is not the op's reference (which is chunked).
+EAGER = {"fused_linear_cross_entropy": "materialising"}
 
 
 def reference_fn(op: str):
-    """The op's plain-PyTorch reference: the eager composition."""
-    return importlib.import_module(f"stableblocks.kernels.{op}").reference
+    """The op's eager composition: its plain-PyTorch reference, or the formula it replaces."""
+    return getattr(importlib.import_module(f"stableblocks.kernels.{op}"), EAGER.get(op, "reference"))
 
 
 def flash_attn_available() -> bool:
@@ -201,6 +213,8 @@ def flash_attn_available() -> bool:
 
 def providers(case: Case, device: str) -> list[str]:
     names = ["triton", "eager", "compile"]
+    if case.op in EAGER:
+        names.insert(1, "reference")
     if case.op == "fused_attention":
         names += ["sdpa", "flex"]
         if device == "cuda" and flash_attn_available():
@@ -219,6 +233,8 @@ def unavailable(case: Case, provider: str, device: str, mode: str) -> str | None
             return "no kernel yet"
         if device != "cuda":
             return "interpreter timings are not meaningful (CPU)"
+    elif provider == "reference" and case.op not in EAGER:
+        return "the eager provider is this op's reference"
     elif provider in ("sdpa", "flex", "flash_attn") and case.op != "fused_attention":
         return f"{provider} is an attention provider"
     elif provider == "sdpa" and case.options["softcap"] is not None:
@@ -227,7 +243,7 @@ def unavailable(case: Case, provider: str, device: str, mode: str) -> str | None
         return "FlexAttention has no backward on CPU"
     elif provider == "flash_attn" and not (device == "cuda" and flash_attn_available()):
         return "flash_attn is not installed" if device == "cuda" else "flash_attn needs CUDA"
-    elif provider not in ("eager", "compile", "sdpa", "flex", "flash_attn"):
+    elif provider not in ("reference", "eager", "compile", "sdpa", "flex", "flash_attn"):
         raise ValueError(f"provider: unknown {provider!r}")
     return None
 
@@ -240,22 +256,19 @@ def provider_fn(case: Case, provider: str, device: str):
     why = unavailable(case, provider, device, "forward")
     if why:
         raise Unavailable(why)
-    if provider == "triton":
+    if provider in ("triton", "reference"):
         public = PUBLIC[case.op]
 
-        def triton_fn(*args, **kwargs):
-            previous = backend.get_backend()
-            backend.set_backend("triton")
-            try:
+        def public_fn(*args, **kwargs):
+            with backend.using(provider):
                 return public(*args, **kwargs)
-            finally:
-                backend.set_backend(previous)
 
-        return triton_fn
+        return public_fn
     if provider == "eager":
         return reference_fn(case.op)
     if provider == "compile":
         torch._dynamo.reset()  # a fresh cache for this case's shapes
+        torch._functorch.config.donated_buffer = False  # step_fn replays one backward (retain_graph): no donation
         return torch.compile(reference_fn(case.op))
     if provider == "sdpa":
         return _with_norms(_sdpa)
@@ -360,6 +373,10 @@ def unavoidable_bytes(case: Case, shape: Shape, dtype: torch.dtype, param_dtype:
         lse = B * H * T * 4
         fwd = 3 * t + norms + t
         bwd = 5 * t + norms + lse + 3 * t + norms  # q, k, v, o, do, lse -> dq, dk, dv, d(norm params)
+    elif case.op == "fused_linear_cross_entropy":
+        w, targets = shape.vocab * d * p, N * idx_bytes
+        fwd = act + w + targets + 4  # h, W, targets -> the fp32 loss
+        bwd = 4 + act + w + targets + act + w  # d loss, h, W, targets -> d h, d W
     else:
         raise ValueError(f"case: unknown op {case.op!r}")
     return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}
