@@ -72,7 +72,10 @@ def measure_throughput(quick: bool, progress) -> dict:
 def measure_loss(quick: bool, progress) -> dict:
     # GPT-2 small's head over B = 8 sequences of T = 1024 tokens.
     kw = dict(N=256, d=64, V=1000, check_N=(64,)) if quick else dict(N=8192, d=768, V=50257)
-    return loss_memory.measure(dtype=DTYPE, param_dtype=PARAM_DTYPE, progress=progress, **kw)
+    out = loss_memory.measure(dtype=DTYPE, param_dtype=PARAM_DTYPE, progress=progress, **kw)
+    kw = dict(steps=2, repeats=2, warmup=1) if quick else dict(steps=10, repeats=7)
+    out["throughput"] = throughput.loss_throughput(progress=progress, **kw)  # the main job's: fused vs eager loss
+    return out
 
 
 def csv_rows(data: dict, parts=PARTS) -> list[dict]:

@@ -294,6 +294,10 @@ def goals(data: dict) -> list[tuple[str, str, str]]:
         out.append((f"loss step memory (N = {loss['N']}, V = {loss['V']}) <= 0.1x the materialising path",
                     ", ".join(f"{r['path']} {r['ratio_vs_eager']:.3f}x" for r in loss["rows"] if r["path"] != "eager"),
                     "met" if worst["ratio_vs_eager"] <= 0.1 else "NOT met"))
+        if loss.get("throughput"):
+            r = loss["throughput"]["ratio"]
+            out.append(("CPU training throughput of the main job, fused loss >= 0.95x the eager loss",
+                        f"{r['p50']:.2f}x (p20–p80 {r['p20']:.2f}–{r['p80']:.2f})", "met" if r["p50"] >= 0.95 else "NOT met"))
     tp = data.get("throughput")
     if tp:
         train = tp["training"]

@@ -46,9 +46,9 @@ def _models(shape: dict, recipes) -> dict:
     return out
 
 
-def _train(model, opt, batches) -> None:
+def _train(model, opt, batches, loss_fn=None) -> None:
     for x, y in batches:
-        _, loss = model(x, y)
+        loss = model(x, y)[1] if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,6 +86,52 @@ def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), s
     for recipe in recipes:
         out[f"ratio:{recipe}"] = _summary([s / n for s, n in zip(runs[f"stablegpt:{recipe}"], runs["nanogpt"])])
     out["shape"] = shape
+    return out
+
+
+def eager_loss(model, x, y) -> torch.Tensor:
+    """The loss on materialised logits (F.cross_entropy in fp32, z-loss on their log-sum-exp), as
+    StableGPT computed it before fused_linear_cross_entropy."""
+    logits, _ = model(x)
+    logits, y = logits.float().flatten(0, 1), y.flatten()
+    loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=-1)
+    if model.config.z_loss:
+        kept = y != -1
+        loss = loss + model.config.z_loss * torch.logsumexp(logits, dim=-1)[kept].pow(2).mean()
+    return loss
+
+
+def loss_throughput(shape: dict | None = None, recipe: str = "stable", steps: int = 10, repeats: int = 5,
+                    warmup: int = 2, progress=None) -> dict:
+    """Tokens/s of StableGPT training (the main job's recipe and shape, reference path) with the loss
+    from fused_linear_cross_entropy and with the eager loss; "ratio" = median of fused / eager per repeat."""
+    shape = dict(SHAPE if shape is None else shape)
+    with backend.using("reference"):
+        cfg = sb.recipe(recipe, vocab_size=shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
+                        n_embd=shape["n_embd"], block_size=shape["block_size"])
+        contenders = {}
+        for name, loss_fn in (("fused", None), ("eager", eager_loss)):
+            torch.manual_seed(0)
+            model = sb.StableGPT(cfg)
+            contenders[name] = dict(model=model, opt=model.configure_optimizers(0.1, 1e-3), loss_fn=loss_fn)
+        stream = data.load("bundled", "byte").train
+        gen = torch.Generator().manual_seed(0)
+        batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
+                   for _ in range(steps)]
+        for c in contenders.values():
+            _train(batches=batches[:warmup], **c)
+        names = list(contenders)
+        runs = {name: [] for name in names}
+        for r in range(repeats):
+            if progress:
+                progress(f"loss throughput repeat {r + 1}/{repeats}")
+            for name in names[r % 2:] + names[: r % 2]:
+                t0 = time.perf_counter()
+                _train(batches=batches, **contenders[name])
+                runs[name].append(steps * shape["batch_size"] * shape["block_size"] / (time.perf_counter() - t0))
+    out = {name: _summary(v) for name, v in runs.items()}
+    out["ratio"] = _summary([f / e for f, e in zip(runs["fused"], runs["eager"])])
+    out["shape"], out["recipe"] = shape, recipe
     return out
 
 
