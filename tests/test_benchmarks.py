@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from benchmarks import activation_memory, bytes_moved, compile_report, cost_model, microbench, nanogpt, ops, report, results, throughput
+from benchmarks import (activation_memory, bytes_moved, compile_report, cost_model, loss_memory, microbench, nanogpt, ops, report,
+                        results, throughput)
 from stableblocks.kernels import backend
 
 from _toy_kernels import add_kernel
@@ -293,9 +294,9 @@ def test_microbench_command_on_cpu(tmp_path):
 def test_cost_model_command(tmp_path):
     data = cost_model.main(["--quick", "--only", "bytes", "--out", str(tmp_path)])
     stored = json.loads((tmp_path / "cost_model.json").read_text())
-    assert [e["case"] for e in stored["bytes"]] == [c.name for c in ops.CASES] == [e["case"] for e in data["bytes"]]
+    assert [e["case"] for e in stored["bytes"]] == [c.name for c in cost_model.BYTES_CASES] == [e["case"] for e in data["bytes"]]
     rows = results.read(tmp_path / "cost_model.csv")
-    for case in ops.CASES:
+    for case in cost_model.BYTES_CASES:
         kernel = [r for r in rows if r["op"] == case.name and r["provider"] == "triton"]
         if case.has_kernel():
             assert all(r["p50"] > 0 for r in kernel)
@@ -395,3 +396,74 @@ def test_replace_block_rewrites_only_its_block(tmp_path):
     assert readme.read_text() == "a <!-- x:begin -->new<!-- x:end --> b <!-- y:begin -->keep<!-- y:end -->\n"
     with pytest.raises(RuntimeError, match="no <!-- z:begin -->"):
         report.replace_block(readme, "z", "new")
+
+
+# --- the loss step ---------------------------------------------------------------------------------
+
+
+def test_live_bytes_counts_storages_until_freed():
+    x = torch.randn(100)
+    with loss_memory.LiveBytes(existing=[x]) as mem:
+        y = x * 2  # 400 B
+        v = y.view(10, 10)  # a view: nothing new
+        z = torch.empty(50, dtype=torch.float64)  # 400 B
+        x.reshape(4, 25)  # a view of an input: not counted
+        assert mem.live == mem.peak == 800
+        del y, v
+        assert mem.live == 400
+        del z
+    assert (mem.live, mem.peak) == (0, 800)
+
+
+@pytest.mark.parametrize("path", loss_memory.PATHS)
+def test_loss_memory_fake_matches_real(path):
+    """The loss step's bytes are measured on fake tensors; a real run allocates the same (the Triton
+    path's kernels run in the interpreter, whose launches leave their outputs to the cycle collector:
+    at most its two unsaved fp32 outputs per token more)."""
+    N, d, V = 100, 48, 300
+    fake, real = (loss_memory.measure_step(path, N, d, V, fake=f) for f in (True, False))
+    assert fake["gradients"] == real["gradients"] == N * d * 2 + V * d * 4
+    if path == "triton":
+        assert 0 <= real["peak"] - fake["peak"] <= 2 * 4 * N and real["peak"] > real["gradients"]
+    else:
+        assert fake == real
+
+
+def test_fused_loss_holds_and_peaks_less_than_eager(monkeypatch):
+    from stableblocks.kernels import fused_linear_cross_entropy_triton as tri
+
+    N, d, V = 512, 64, 4000
+    # Chunks of 64 rows, as GPT-2's 8192 tokens take about 50 of them at V = 50257.
+    monkeypatch.setattr(loss_memory.flce, "_REFERENCE_CHUNK", 64 * V)
+    monkeypatch.setattr(tri, "CHUNK_ELEMENTS", 64 * V)
+    got = {p: loss_memory.measure_step(p, N, d, V) for p in loss_memory.PATHS}
+    logits_fp32 = N * V * 4
+    assert got["eager"]["held_after_forward"] >= logits_fp32  # log-softmax's output, at least
+    for path in ("reference", "triton"):
+        assert got[path]["held_after_forward"] < 4 * 4 * N  # a few fp32 values per token
+        assert got[path]["peak"] < got["eager"]["peak"] / 2
+
+
+def test_cost_model_loss_part(tmp_path):
+    data = cost_model.main(["--quick", "--only", "loss", "--out", str(tmp_path)])
+    loss = json.loads((tmp_path / "cost_model.json").read_text())["loss"]
+    assert [r["path"] for r in loss["rows"]] == list(loss_memory.PATHS) and loss == json.loads(json.dumps(data["loss"]))
+    assert all(c["fake_peak"] == c["real_peak"] for c in loss["checks"])
+    assert loss["throughput"]["ratio"]["p50"] > 0
+    goals = {g: status for g, _, status in report.goals(data)}
+    assert any(g.startswith("loss step memory") for g in goals)
+    page = (tmp_path / "README.md").read_text()
+    assert "## Loss step memory" in page and "Cut Cross-Entropy" in page
+    rows = [r for r in results.read(tmp_path / "cost_model.csv") if r["op"] == "loss_step"]
+    assert {r["provider"] for r in rows} == set(loss_memory.PATHS) and all(r["p50"] > 0 for r in rows)
+
+
+def test_microbench_times_the_loss_providers_on_cpu(tmp_path):
+    out = tmp_path / "microbench.csv"
+    microbench.main(["--device", "cpu", "--ops", "fused_linear_cross_entropy", "--providers", "triton", "reference", "eager",
+                     "--modes", "forward+backward", "--T", "16", "--d", "32", "--csv", str(out), "--no-report"])
+    rows = results.read(out)
+    times = {r["provider"]: r for r in rows if r["metric"] == "time"}
+    assert times["triton"]["p50"] is None and times["triton"]["note"]
+    assert times["reference"]["p50"] > 0 and times["eager"]["p50"] > 0
+    assert times["eager"]["shape"] == "B=1 T=16 d=32 V=50304 fp32"
