@@ -96,7 +96,8 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (empty, truncated, not a zip, unpickling: all mean "unreadable")
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); {fix}") from None
+        why = str(e).split(". ")[0].splitlines()[0] if str(e) else "empty"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); {fix}") from None
     if not isinstance(state, dict) or "checksum" not in state:
         raise CheckpointError(f"{path}: no checksum (not a stableblocks checkpoint, or from an older version); {fix}")
     if checksum(state) != state["checksum"]:
