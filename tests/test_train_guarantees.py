@@ -90,12 +90,12 @@ def test_divergence_rule_fires_for_each_reason_and_not_for_a_passing_spike():
 
 
 def test_a_finite_blow_up_is_diverged_by_the_smoothed_loss(tmp_path, cache_dir):  # noqa: F811
-    """Loss far above its start but finite (a constant huge lr with clipping off): issue-free by
-    the old non-finite rule, diverged by the threshold."""
+    """A loss far above its start but finite (a constant huge lr, clipping off): a non-finite
+    rule alone lets it run on; the smoothed-loss threshold stops it."""
     summary = run(tiny(tmp_path, cache_dir, steps=60, lr=1.0, grad_clip=0.0, warmup=0, min_lr_ratio=1.0, eval_interval=20,
                        ckpt_interval=0, diverge=DivergeConfig(patience=5)))
-    assert summary["diverged"], summary
-    assert any(w in summary["diverged_reason"] for w in ("threshold", "non-finite", "spike guard")), summary
+    assert summary["diverged"] and summary["diverged_reason"].startswith("smoothed training loss"), summary
+    assert math.isfinite(summary["final_loss"]) and summary["steps"] < 60
 
 
 def test_no_committed_stability_run_crosses_the_default_threshold():
