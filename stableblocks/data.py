@@ -69,7 +69,7 @@ class TokenStream:
     def max_token(self, shards: int = 8, tokens: int = 1 << 20) -> int:
         """The largest id in the first `tokens` ids of the first `shards` shards (a check that
         reads megabytes, not the whole data set)."""
-        return max(int(s.tokens()[:tokens].max()) for s in self.shards[:shards])
+        return max((int(s.tokens()[:tokens].max()) for s in self.shards[:shards]), default=0)
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator, rows: slice | None = None):
         """`batch_size` random windows -> inputs and next-token targets (B, seq_len), int64.
@@ -79,7 +79,7 @@ class TokenStream:
         """
         room = np.array([max(0, s.length - seq_len) for s in self.shards])  # starts whose window fits
         if room.sum() == 0:
-            raise ValueError(f"seq_len: {seq_len} does not fit in the data (longest shard has {max(s.length for s in self.shards)} tokens)")
+            raise ValueError(f"seq_len: {seq_len} does not fit in the data (longest shard has {max((s.length for s in self.shards), default=0)} tokens)")
         flat = torch.randint(int(room.sum()), (batch_size,), generator=generator).numpy()
         bounds = np.cumsum(room)
         which = np.searchsorted(bounds, flat, side="right")
@@ -145,6 +145,8 @@ def read_bin(path) -> Shard:
 
 def _files(source: str) -> tuple[list[Path], str]:
     """The files behind `source` and its kind: "bin" or "text"."""
+    if not source.strip():
+        raise ValueError("data.source: empty; expected 'bundled', a text file or folder, .bin files or a glob")
     if any(c in source for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
         if not files:
@@ -155,16 +157,19 @@ def _files(source: str) -> tuple[list[Path], str]:
             files = [path]
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            bins = [p for p in files if p.suffix == ".bin"]
-            files = bins or files
             if not files:
                 raise ValueError(f"data.source: the folder {source} holds no file")
         else:
             raise ValueError(f"data.source: no such file or folder: {source!r} (or 'bundled' for the bundled corpus)")
-    kinds = {"bin" if p.suffix == ".bin" else "text" for p in files}
-    if len(kinds) > 1:
-        raise ValueError(f"data.source: {source!r} mixes .bin and text files; point it at one kind")
-    return files, kinds.pop()
+    bins = [p for p in files if p.suffix == ".bin"]
+    texts = [p for p in files if p.suffix != ".bin"]
+    if bins and texts:
+        raise ValueError(f"data.source: {source!r} mixes .bin token files ({bins[0]}, ...) and text files ({texts[0]}, ...); "
+                         "point it at one kind (e.g. a glob such as DIR/*.bin)")
+    for p in files:
+        if p.stat().st_size == 0:
+            raise ValueError(f"data.source: {p} is empty; remove it or point --data.source at other data")
+    return files, "bin" if bins else "text"
 
 
 def _read_text(path: Path) -> str:
@@ -231,6 +236,9 @@ def load(source: str = "bundled", tokenizer: str = "auto", *, val_fraction: floa
         if tok is None:
             raise ValueError("data.tokenizer: 'bpe' is trained on text; .bin token files need 'gpt2' (or 'byte')")
         shards = [read_bin(p) for p in files]
+        for shard in shards:
+            if shard.length == 0:
+                raise ValueError(f"data.source: {shard.path} holds no tokens; remove it or point --data.source at other data")
         val = [s for s, p in zip(shards, files) if "val" in p.name]
         train = [s for s, p in zip(shards, files) if "val" not in p.name]
         if not train:
@@ -262,3 +270,15 @@ def load(source: str = "bundled", tokenizer: str = "auto", *, val_fraction: floa
         _write_npy(path, ids.astype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32))
     train, val = _split_tail([_npy_shard(path)], val_fraction)
     return Corpus(TokenStream(train), TokenStream(val), tok, tok.vocab_size, source)
+
+
+def check_fits(corpus: Corpus, seq_len: int) -> None:
+    """Both splits hold a window of seq_len + 1 tokens (checked before training, not at the
+    first evaluation)."""
+    for name, stream in (("training", corpus.train), ("validation", corpus.val)):
+        longest = max(stream.shards, key=lambda s: s.length, default=None)
+        if longest is None or longest.length <= seq_len:
+            where = f"its longest piece ({longest.path}) has {longest.length} tokens" if longest else "it holds no tokens"
+            fix = ("a larger --data.val-fraction, a longer val file" if name == "validation" else "more data") + " or a smaller --seq-len"
+            raise ValueError(f"data.source: the {name} split of {corpus.source!r} is too short for --seq-len {seq_len}: "
+                             f"{where}, a window needs {seq_len + 1}; use {fix}")

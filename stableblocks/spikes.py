@@ -56,3 +56,81 @@ def find_spikes(values, **kwargs) -> list[int]:
     """Indices of the spikes in a whole curve (the detector run over it in order)."""
     detector = SpikeDetector(**kwargs)
     return [i for i, x in enumerate(values) if detector.update(float(x))]
+
+
+# ---------------------------------------------------------------- divergence
+
+MARGIN = 1.5  # see the README's Training section for how this default was chosen
+SMOOTHING = 0.9  # EMA of the training loss: ~10 steps
+
+
+def divergence_threshold(first_loss: float, vocab_size: int, margin: float = MARGIN) -> float:
+    """The loss above which a run has diverged: the larger of its first loss and a uniform
+    guess over the vocabulary (ln V), times `margin`."""
+    return max(first_loss, math.log(vocab_size)) * margin
+
+
+class DivergenceRule:
+    """The one definition of "this run has diverged" (the trainer and the stability benchmark).
+
+    A run has diverged when
+    - its loss or gradient norm is non-finite and no guard skips the step ("non-finite");
+    - the guard skipped or rolled back more than `max_skipped` consecutive steps ("guard");
+    - its smoothed training loss stays above the threshold for `patience` consecutive steps ("loss");
+    - a validation loss is above the threshold or non-finite ("val_loss").
+    """
+
+    def __init__(self, vocab_size: int, margin: float = MARGIN, patience: int = 20, max_skipped: int = 20):
+        if not margin > 1:
+            raise ValueError(f"diverge.margin: expected a float > 1, got {margin!r}")
+        if patience < 1 or max_skipped < 1:
+            raise ValueError(f"diverge.patience / diverge.max_skipped: expected ints >= 1, got {patience!r}, {max_skipped!r}")
+        self.vocab_size, self.margin, self.patience, self.max_skipped = vocab_size, margin, patience, max_skipped
+        self.threshold: float | None = None
+        self.ema, self.ema_steps, self.above, self.skipped = 0.0, 0, 0, 0
+        self.reason: str | None = None
+        self.step: int | None = None
+
+    @property
+    def smoothed(self) -> float | None:
+        return self.ema / (1 - SMOOTHING**self.ema_steps) if self.ema_steps else None
+
+    def healthy(self) -> bool:
+        """The smoothed loss is at or below the threshold (a state worth keeping)."""
+        return self.reason is None and (self.smoothed is None or self.smoothed <= self.threshold)
+
+    def _fire(self, step: int, reason: str) -> str:
+        if self.reason is None:
+            self.reason, self.step = reason, step
+        return self.reason
+
+    def train_step(self, step: int, loss: float, finite: bool, guarded: bool) -> str | None:
+        """Record a training step (`guarded`: the guard skipped or rolled it back); the reason
+        when the run has diverged."""
+        if self.threshold is None and math.isfinite(loss):
+            self.threshold = divergence_threshold(loss, self.vocab_size, self.margin)
+        self.skipped = self.skipped + 1 if guarded else 0
+        if not finite and not guarded:
+            return self._fire(step, f"non-finite loss or gradient norm at step {step}")
+        if self.skipped > self.max_skipped:
+            return self._fire(step, f"the spike guard skipped or rolled back {self.skipped} consecutive steps (diverge.max_skipped {self.max_skipped})")
+        if math.isfinite(loss):
+            self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
+            self.ema_steps += 1
+            self.above = self.above + 1 if self.smoothed > self.threshold else 0
+            if self.above >= self.patience:
+                return self._fire(step, f"smoothed training loss {self.smoothed:.4g} above the threshold {self.threshold:.4g} "
+                                        f"for {self.above} consecutive steps")
+        return None
+
+    def validation(self, step: int, val_loss: float) -> str | None:
+        if not math.isfinite(val_loss) or (self.threshold is not None and val_loss > self.threshold):
+            return self._fire(step, f"validation loss {val_loss:.4g} above the threshold {self.threshold or math.nan:.4g} at step {step}")
+        return None
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("threshold", "ema", "ema_steps", "above", "skipped")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

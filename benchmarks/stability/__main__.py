@@ -6,7 +6,8 @@
 1. Gradients at init (Spike No More): per-layer gradient norm and the residual stream's std
    entering each layer, for a deep narrow model under each recipe.
 2. LR sensitivity (Wortsman et al.): every recipe trained over an lr grid on the bundled corpus;
-   final validation loss, LR sensitivity, the largest lr that does not diverge, spikes, max grad
+   final validation loss, LR sensitivity, the largest lr that does not diverge (the training
+   command's divergence rule, stableblocks.spikes.DivergenceRule), spikes, max grad
    norm and max attention logit per run.
 3. Attention-logit growth: the max raw attention logit over training at a high lr, with and
    without QK-norm, read from the same runs' diagnostics.
@@ -85,7 +86,7 @@ def train_one(label: str, lr: float, seed: int, setup: Setup, out: Path) -> dict
         model=ModelOverrides(n_layer=setup.n_layer, n_head=setup.n_head, n_embd=setup.n_embd, **overrides),
         steps=setup.steps, lr=lr, warmup=max(1, setup.steps // 10), seed=seed,
         eval_interval=max(1, setup.steps // 4), diag_interval=max(1, setup.steps // 40), ckpt_interval=0,
-        out_dir=str(out / "runs" / f"{label}_lr{lr:g}_s{seed}"), plot=False, progress=False,
+        out_dir=str(out / "runs" / f"{label}_lr{lr:g}_s{seed}"), overwrite=True, plot=False, progress=False,
     )
     s = run(cfg)
     final = s["final_val_loss"] if not s["diverged"] and s["final_val_loss"] is not None else math.nan
@@ -120,7 +121,7 @@ def summarise(rows: list[dict], setup: Setup) -> list[dict]:
         best_lr = min(finite, key=finite.get) if finite else None
         table.append({
             "variant": v, "loss_by_lr": per_lr, "best_loss": finite.get(best_lr, math.nan), "best_lr": best_lr,
-            "largest_stable_lr": largest_stable_lr(per_lr, loss_init), "lr_sensitivity": lr_sensitivity(per_lr, loss_init),
+            "largest_stable_lr": largest_stable_lr(per_lr), "lr_sensitivity": lr_sensitivity(per_lr, loss_init),
             "spikes": sum(r["spikes"] for r in mine), "diverged_runs": sum(bool(r["diverged"]) for r in mine),
             "max_grad_norm": max(r["max_grad_norm"] for r in mine),
             "max_attn_logit": max((r["max_attn_logit"] or 0.0) for r in mine),

@@ -17,9 +17,10 @@ def lr_sensitivity(final_losses: dict[float, float], loss_init: float) -> float:
     return sum(clipped) / len(clipped) - min(clipped)
 
 
-def largest_stable_lr(final_losses: dict[float, float], loss_init: float, margin: float = 0.0) -> float | None:
-    """The largest lr whose run ended finite and below loss_init - margin (None if none did)."""
-    ok = [lr for lr, v in final_losses.items() if math.isfinite(v) and v < loss_init - margin]
+def largest_stable_lr(final_losses: dict[float, float]) -> float | None:
+    """The largest lr whose runs did not diverge (None if all did). A diverged run's loss is nan:
+    the training command decided it with its divergence rule (stableblocks.spikes.DivergenceRule)."""
+    ok = [lr for lr, v in final_losses.items() if math.isfinite(v)]
     return max(ok) if ok else None
 
 
