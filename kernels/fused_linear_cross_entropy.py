@@ -53,7 +53,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """Per-token losses (fp32, 0 where ignored), lse and max |u| (non-differentiable), chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index, softcap, z_loss):
+    def forward(ctx, h, weight, bias, targets, ignore_index, softcap, z_loss, with_max):
         n, vocab = h.shape[0], weight.shape[0]
         w = weight.to(h.dtype)
         b = None if bias is None else bias.to(h.dtype)
@@ -67,9 +67,11 @@ class _ChunkedLoss(torch.autograd.Function):
             zt = z.gather(1, torch.where(kept, t, 0).unsqueeze(1)).squeeze(1)
             losses.append(torch.where(kept, lse - zt + z_loss * lse * lse, 0.0))
             lses.append(lse)
-            umaxes.append(torch.where(kept, u.abs().amax(dim=-1), 0.0))
+            if with_max:  # a full extra pass over the chunk: only when diagnostics ask for it
+                umaxes.append(torch.where(kept, u.abs().amax(dim=-1), 0.0))
         cat = (lambda parts: torch.cat(parts)) if n else (lambda _: h.new_zeros(0, dtype=_acc_dtype(h)))
-        loss, lse, umax = cat(losses), cat(lses), cat(umaxes)
+        loss, lse = cat(losses), cat(lses)
+        umax = cat(umaxes) if with_max else h.new_zeros(0, dtype=_acc_dtype(h))
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.options = ignore_index, softcap, z_loss, rows_per_chunk
         ctx.mark_non_differentiable(lse, umax)
@@ -99,14 +101,16 @@ class _ChunkedLoss(torch.autograd.Function):
             dw.addmm_(du.t(), hc.to(acc))
             if db is not None:
                 db += du.sum(0)
-        return (dh, dw.to(weight.dtype), None if db is None else db.to(bias.dtype), None, None, None, None)
+        return (dh, dw.to(weight.dtype), None if db is None else db.to(bias.dtype), None, None, None, None, None)
 
 
 def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-              ignore_index: int = IGNORE_INDEX, softcap: float | None = None, z_loss: float = 0.0):
+              ignore_index: int = IGNORE_INDEX, softcap: float | None = None, z_loss: float = 0.0,
+              with_max: bool = True):
     """Chunked plain PyTorch with recomputation, the CPU path: (N, d) hidden, (N,) targets ->
-    (per-token loss fp32, lse fp32, max |u| fp32), each (N,), 0 at ignored tokens (lse aside)."""
-    return _ChunkedLoss.apply(hidden, weight, bias, targets, ignore_index, softcap, float(z_loss))
+    (per-token loss fp32, lse fp32, max |u| fp32), each (N,), 0 at ignored tokens (lse aside);
+    without with_max the last is empty (it costs a pass over every logit)."""
+    return _ChunkedLoss.apply(hidden, weight, bias, targets, ignore_index, softcap, float(z_loss), with_max)
 
 
 def materialising(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
@@ -192,7 +196,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
         losses, lse, umax = kernel(h, weight, t, bias, ignore_index, softcap, float(z_loss))
     else:
-        losses, lse, umax = reference(h, weight, t, bias, ignore_index, softcap, z_loss)
+        losses, lse, umax = reference(h, weight, t, bias, ignore_index, softcap, z_loss, with_max=return_diagnostics)
     kept = t != ignore_index
     count = kept.sum().clamp(min=1).to(torch.float32)
     loss = losses.sum()
