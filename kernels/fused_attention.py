@@ -3,6 +3,8 @@
 q, k, v: (B, T, H, D), the layout a QKV projection produces (no transpose). Each *_norm is None
 or a (weight, bias) pair of shape (D,) shared across heads. Scores are q k^T * scale (scale
 defaults to 1/sqrt(D)), soft-capped as cap * tanh(s / cap) when softcap is set, then masked.
+eps is the norms' LayerNorm eps (>= 0; 0 means no regulariser: a q, k or v row of equal values
+then normalises to non-finite values, as in torch.nn.functional.layer_norm).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import torch.nn.functional as F
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device
-
-
+from .checks import attention_limits, check_eps, check_float, check_norm_params, check_positive, check_same_device
 
 def _norm(t: torch.Tensor, params, eps: float) -> torch.Tensor:
     return t if params is None else _ln.reference(t, params[0], params[1], eps)
@@ -81,8 +81,11 @@ def fused_attention(
             raise ValueError(f"{name}: expected shape (B, T, H, D), got {tuple(t.shape)}")
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(f"{name}: expected the shape and dtype of q {tuple(q.shape)} {q.dtype}, got {tuple(t.shape)} {t.dtype}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap: expected a positive float or None, got {softcap}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: expected a head width D >= 1, got shape {tuple(q.shape)}")
+    check_positive("softcap", softcap)
+    check_positive("scale", scale)
+    check_eps(eps)
     D = q.shape[-1]
     norms = {}
     for name, p in (("q_norm", q_norm), ("k_norm", k_norm), ("v_norm", v_norm)):
@@ -92,15 +95,8 @@ def fused_attention(
             check_norm_params(name, p[0], p[1], D)
             norms[f"{name}_weight"], norms[f"{name}_bias"] = p
     check_same_device("q", q, k=k, v=v, **norms)
-    if use_triton("fused_attention", q):
-        from .fused_attention_triton import DTYPES, HEAD_DIMS
+    if use_triton("fused_attention", q, attention_limits(q)):
         from .fused_attention_triton import fused_attention as kernel
 
-        if D not in HEAD_DIMS:
-            raise ValueError(f"q: head width D={D} is not supported by the Triton kernel; supported head widths: "
-                             f"{', '.join(map(str, HEAD_DIMS))} (the reference backend takes any D)")
-        if q.dtype not in DTYPES:
-            raise ValueError(f"q: dtype {q.dtype} is not supported by the Triton kernel; expected float32, "
-                             "bfloat16 or float16 (the reference backend takes float64)")
         return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
     return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)

@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .checks import ATTENTION_HEAD_DIMS as HEAD_DIMS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +76,14 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
+def _safe_eps(eps, row_ok):
+    """eps for rows of data; 1 for rows outside the sequence (loaded as zeros, so zero variance),
+    which with eps = 0 would otherwise normalise 0 * inf = NaN into the tiles' matmuls."""
+    return tl.where(row_ok, eps, 1.0)
+
+
+@triton.jit
+def _normed(x, W, B, offs_d, row_ok, eps, D: tl.constexpr, NORM: tl.constexpr):
     """LayerNorm over the rows of an fp32 (rows, D) tile when NORM, else the tile itself.
 
     D is a power of two, so no padded lanes enter the mean or variance.
@@ -86,7 +91,7 @@ def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
     if NORM:
         mean = tl.sum(x, axis=1) / D
         xc = x - mean[:, None]
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
         w = tl.load(W + offs_d).to(tl.float32)
         b = tl.load(B + offs_d).to(tl.float32)
         return xc * rstd[:, None] * w[None, :] + b[None, :]
@@ -95,15 +100,15 @@ def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
-def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, eps, D: tl.constexpr):
+def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, row_ok, eps, D: tl.constexpr):
     """LayerNorm backward for fp32 (rows, D) tiles: returns dx, and stores this tile's fp32 partial
     sums of dweight and dbias at row `row` of DNORM ((2, n_rows, D): dweight rows, then dbias rows).
 
-    Rows outside the sequence must come in with dy = 0 so they add nothing to the partial sums.
+    Rows outside the sequence must come in with dy = 0 and x = 0 so they add nothing to the sums.
     """
     mean = tl.sum(x, axis=1) / D
     xc = x - mean[:, None]
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
     xhat = xc * rstd[:, None]
     wdy = dy * tl.load(W + offs_d).to(tl.float32)[None, :]
     c1 = tl.sum(xhat * wdy, axis=1) / D
@@ -137,7 +142,7 @@ def _attn_fwd_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
         qk = _dot(q, tl.trans(k), None, DOT_UPCAST)
         s, _ = _logits(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -150,7 +155,7 @@ def _attn_fwd_tiles(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -191,7 +196,7 @@ def _attn_fwd(
     row_in_seq = offs_m < T
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -243,7 +248,7 @@ def _attn_bwd_dkdv_tiles(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in_seq = offs_m < T
         q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
-        q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(k.dtype)
+        q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(k.dtype)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
         delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
@@ -303,9 +308,9 @@ def _attn_bwd_dkdv(
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
     k = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0)
-    k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(K.dtype.element_ty)
+    k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(K.dtype.element_ty)
     v = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0)
-    v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(V.dtype.element_ty)
+    v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(V.dtype.element_ty)
 
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -340,10 +345,10 @@ def _attn_bwd_dkdv(
     dv = tl.where(key_in_seq[:, None], dv, 0.0)
     if K_NORM:
         k_raw = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, eps, D)
+        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
     if V_NORM:
         v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, eps, D)
+        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
     g_offs = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
     tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None])
     tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None])
@@ -369,9 +374,9 @@ def _attn_bwd_dq_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
         s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -425,7 +430,7 @@ def _attn_bwd_dq(
     row_in_seq = offs_m < T
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_in_seq[:, None], other=0.0)
     # delta from the unrounded o: for a near one-hot row, dp - delta must cancel as exactly as
@@ -454,7 +459,7 @@ def _attn_bwd_dq(
     dq = tl.where(row_in_seq[:, None], dq * scale, 0.0)
     if Q_NORM:
         q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0).to(tl.float32)
-        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, eps, D)
+        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, row_in_seq, eps, D)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None])
 
