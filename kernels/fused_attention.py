@@ -35,23 +35,39 @@ def reference(
     scale: float | None = None,
     eps: float = 1e-5,
     dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Plain PyTorch in q's dtype. Without a cap it is SDPA; with one it materialises the scores."""
+    return_max_logit: bool = False,
+):
+    """Plain PyTorch in q's dtype. Without a cap it is SDPA; with one, or when the max logit is
+    requested, it materialises the scores."""
     q, k, v = (_norm(t, p, eps).transpose(1, 2) for t, p in ((q, q_norm), (k, k_norm), (v, v_norm)))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    T = q.shape[-2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1) if causal else None
+    raw = (q @ k.transpose(-2, -1)) * scale if softcap is not None or return_max_logit else None
     if softcap is None:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
     else:
-        s = (q @ k.transpose(-2, -1)) * scale
-        s = softcap * torch.tanh(s / softcap)
+        s = softcap * torch.tanh(raw / softcap)
         if causal:
-            T = s.shape[-1]
-            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+            s = s.masked_fill(future, float("-inf"))
         p = torch.softmax(s, dim=-1)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         o = p @ v
-    return o.transpose(1, 2)
+    o = o.transpose(1, 2)
+    if not return_max_logit:
+        return o
+    return o, _head_max(raw.detach(), future)
+
+
+def _head_max(raw: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
+    """(H,) fp32: max over batch and visible positions of (B, H, T, T) raw logits (-inf if none)."""
+    if future is not None:
+        raw = raw.masked_fill(future, float("-inf"))
+    B, H, T, _ = raw.shape
+    if raw.numel() == 0:
+        return raw.new_full((H,), float("-inf"), dtype=torch.float32)
+    return raw.transpose(0, 1).reshape(H, -1).amax(dim=1).float()
 
 
 def raw_logits(q: torch.Tensor, k: torch.Tensor, *, q_norm=None, k_norm=None, scale=None, eps=1e-5) -> torch.Tensor:
@@ -73,8 +89,15 @@ def fused_attention(
     v_norm=None,
     scale: float | None = None,
     eps: float = 1e-5,
-) -> torch.Tensor:
-    """Attention over (B, T, H, D) inputs -> (B, T, H, D)."""
+    return_max_logit: bool = False,
+):
+    """Attention over (B, T, H, D) inputs -> (B, T, H, D).
+
+    With return_max_logit=True -> (o, max_logit): max_logit (H,) fp32, per head the largest raw
+    scaled logit scale * q.k over the visible positions of every sequence of the batch (signed;
+    after any QK-norm, before the soft-cap), not differentiable. The kernel takes it from the
+    tiles it computes anyway; the reference materialises the scores for it.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
@@ -98,5 +121,7 @@ def fused_attention(
     if use_triton("fused_attention", q, attention_limits(q)):
         from .fused_attention_triton import fused_attention as kernel
 
-        return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
-    return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
+        return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale,
+                      eps=eps, return_max_logit=return_max_logit)
+    return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale,
+                     eps=eps, return_max_logit=return_max_logit)

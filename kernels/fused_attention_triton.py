@@ -126,6 +126,7 @@ def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, row_ok, eps, D: tl.cons
 @triton.jit
 def _attn_fwd_tiles(
     acc, l_i, m_i,  # running output (fp32), softmax denominator and row max (log2 units)
+    qk_max,  # running row max of the raw q.k (only kept with MAX_LOGIT and SOFTCAP)
     q,  # (BLOCK_M, D) normalised Q tile in the input dtype
     K, V,  # K and V at this (batch, head)
     KW, KB, VW, VB,  # (D,) norm weight/bias of k and v
@@ -136,6 +137,7 @@ def _attn_fwd_tiles(
     D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
     MASKED: tl.constexpr,  # 1 for tiles crossing the diagonal or the end of the sequence
+    MAX_LOGIT: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
@@ -150,6 +152,10 @@ def _attn_fwd_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(visible, s, float("-inf"))
+            if MAX_LOGIT and SOFTCAP:
+                qk_max = tl.maximum(qk_max, tl.max(tl.where(visible, qk, float("-inf")), axis=1))
+        elif MAX_LOGIT and SOFTCAP:
+            qk_max = tl.maximum(qk_max, tl.max(qk, axis=1))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -158,7 +164,7 @@ def _attn_fwd_tiles(
         v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, qk_max
 
 
 @triton.jit
@@ -168,6 +174,7 @@ def _attn_fwd(
     O,  # (B, T, H, D) output
     O32,  # (B, T, H, D) fp32 output, unrounded, for the backward (strides of O)
     LSE,  # (B, H, T) fp32: log2 of each row's softmax denominator, for the backward
+    MAXLOGIT,  # (programs,) fp32: each program's max raw logit, written only with MAX_LOGIT
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -178,6 +185,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    MAX_LOGIT: tl.constexpr,  # 1: also write the max raw logit over this program's visible scores
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     # One program per (batch * head, query block) on a 1-D grid: no 65535 limit on B * H.
@@ -201,6 +209,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    qk_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # Key tiles before `full_end` are visible to every row of this block and inside the sequence;
     # the rest (the diagonal, the sequence's end) are masked.
     if CAUSAL:
@@ -211,12 +220,20 @@ def _attn_fwd(
         full_end = (T // BLOCK_N) * BLOCK_N
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                    offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
-                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                    offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
-                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+                                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, MAX_LOGIT, DOT_UPCAST)
+    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+                                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, MAX_LOGIT, DOT_UPCAST)
+    if MAX_LOGIT:
+        # The raw scaled logit before any cap (scale > 0, so the max commutes with it). Without a
+        # cap the softmax's own row max (log2 units) is that logit: no extra work per tile.
+        if SOFTCAP:
+            row_max = qk_max * scale
+        else:
+            row_max = m_i * 0.6931471805599453
+        tl.store(MAXLOGIT + pid, tl.max(tl.where(row_in_seq, row_max, float("-inf")), axis=0))
     o = acc / l_i[:, None]
     o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=row_in_seq[:, None])
@@ -529,25 +546,34 @@ def _flags(q, causal, softcap, q_weight, k_weight, v_weight) -> dict:
                 DOT_UPCAST=int(q.dtype == torch.bfloat16 and not q.is_cuda))
 
 
-def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
     B, T, H, D = q.shape
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     o32 = torch.empty((B, T, H, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        return o, o32, lse
     cfg = dict(_blocks(q)["fwd"])
-    grid = (B * H * triton.cdiv(T, cfg["BLOCK_M"]),)
-    _attn_fwd[grid](
+    n_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    # One max per program, reduced over the batch and the query blocks here: no atomics, O(T) memory.
+    part = torch.full((B, H, n_blocks) if max_logit else (0,), float("-inf"), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, o32, lse, _head_max(part, H, max_logit)
+    _attn_fwd[(B * H * n_blocks,)](
         q, k, v,
         *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
-        o, o32, lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
+        o, o32, lse, part if max_logit else lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
         float(scale), float(softcap or 1.0), float(eps),
-        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), **cfg,
+        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), MAX_LOGIT=int(max_logit), **cfg,
     )
     backend.LAUNCHES["fused_attention_fwd"] += 1
-    return o, o32, lse
+    return o, o32, lse, _head_max(part, H, max_logit)
+
+
+def _head_max(part: torch.Tensor, H: int, max_logit: bool) -> torch.Tensor:
+    """(H,) max over batch and query blocks of the per-program maxima; empty when not requested."""
+    if not max_logit:
+        return part
+    return part.amax(dim=(0, 2)) if part.numel() else part.new_full((H,), float("-inf"))
 
 
 def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
@@ -599,16 +625,19 @@ def _attention_op(
     q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
     k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
     v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
-    causal: bool, softcap: float | None, scale: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, o32, lse): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32 in log2 units."""
-    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps)
+    causal: bool, softcap: float | None, scale: float, eps: float, max_logit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, o32, lse, max_logit): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32
+    in log2 units, max_logit (H,) fp32 when requested, else empty."""
+    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps,
+                    max_logit)
 
 
 @_attention_op.register_fake
-def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
     B, T, H, D = q.shape
-    return q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32), q.new_empty((B, H, T), dtype=torch.float32)
+    return (q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32),
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty((H,) if max_logit else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("stableblocks::fused_attention_backward", mutates_args=())
@@ -635,40 +664,42 @@ _PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *params, causal, softcap, scale, eps = inputs
-    _, o32, lse = output
+    q, k, v, *params, causal, softcap, scale, eps, _ = inputs
+    _, o32, lse, max_logit = output
     ctx.save_for_backward(q, k, v, o32, lse, *params)
     ctx.options = (causal, softcap, scale, eps)
-    ctx.mark_non_differentiable(o32, lse)
+    ctx.mark_non_differentiable(o32, lse, max_logit)
 
 
-def _backward_rule(ctx, do, _do32, _dlse):
+def _backward_rule(ctx, do, _do32, _dlse, _dmax_logit):
     q, k, v, o32, lse, *params = ctx.saved_tensors
     dq, dk, dv, dnorm = _attention_backward_op(do, q, k, v, o32, lse, *params, *ctx.options)
     dparams = [None if p is None else dnorm[i].to(p.dtype) for i, p in enumerate(params)]
-    return dq, dk, dv, *dparams, None, None, None, None
+    return dq, dk, dv, *dparams, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5):
+def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5,
+                    return_max_logit=False):
     """The Triton path of kernels.fused_attention.fused_attention (arguments already validated)."""
     (qw, qb), (kw, kb), (vw, vb) = (p if p is not None else (None, None) for p in (q_norm, k_norm, v_norm))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    o, _, _ = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps))
-    return o
+    o, _, _, max_logit = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps),
+                                       bool(return_max_logit))
+    return (o, max_logit) if return_max_logit else o
 
 
 # ----------------------------------------------------------------------------------------------
 # What the AOT compile test and the benchmarks' compile report build
 
 
-# Option sets worth compiling: every option on (QKV-norm, soft-cap) and none.
+# Option sets worth compiling: every option on (QKV-norm, soft-cap, the max logit) and none.
 AOT_OPTIONS = {
-    "all": dict(CAUSAL=1, SOFTCAP=1, Q_NORM=1, K_NORM=1, V_NORM=1),
-    "none": dict(CAUSAL=1, SOFTCAP=0, Q_NORM=0, K_NORM=0, V_NORM=0),
+    "all": dict(CAUSAL=1, SOFTCAP=1, Q_NORM=1, K_NORM=1, V_NORM=1, MAX_LOGIT=1),
+    "none": dict(CAUSAL=1, SOFTCAP=0, Q_NORM=0, K_NORM=0, V_NORM=0, MAX_LOGIT=0),
 }
 
 
@@ -682,8 +713,8 @@ def _signatures(ty: str) -> dict:
         return {f"stride_{n}{x}": "i32" for n in names for x in "bth"}
 
     return {
-        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", **strides("q", "k", "v", "o"),
-                      **scalars},
+        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", "MAXLOGIT": "*fp32",
+                      **strides("q", "k", "v", "o"), **scalars},
         "_attn_bwd_dkdv": {**io, "DO": f"*{ty}", "LSE": "*fp32", "DELTA": "*fp32", **norms, "DK": f"*{ty}",
                            "DV": f"*{ty}", "DNORM_K": "*fp32", "DNORM_V": "*fp32",
                            **strides("q", "k", "v", "do", "g"), **scalars},
@@ -709,7 +740,8 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"),
                     cfg = dict(block_sizes(D, dtype, arch)[kernel.removeprefix("_attn_").removeprefix("bwd_")])
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     for name in options:
-                        constexprs = {"D": D, **cfg, **AOT_OPTIONS[name], "DOT_UPCAST": 0}
+                        flags = {k: v for k, v in AOT_OPTIONS[name].items() if k != "MAX_LOGIT" or kernel == "_attn_fwd"}
+                        constexprs = {"D": D, **cfg, **flags, "DOT_UPCAST": 0}
                         jobs.append(CompileJob(__name__, kernel, sig, constexprs, arch, warps, stages, aligned))
     return jobs
 
