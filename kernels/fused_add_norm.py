@@ -10,7 +10,7 @@ import torch
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device, kernel_limits
+from .checks import check_eps, check_float, check_norm_params, check_rows, check_same_device, kernel_limits
 
 
 def reference(
@@ -45,6 +45,8 @@ def fused_add_norm(
     n then take the promoted dtype, as `x + LN(z)` in PyTorch would."""
     check_float("x", x)
     check_float("z", z)
+    check_rows("x", x)
+    check_eps(eps)
     if x.shape != z.shape:
         raise ValueError(f"z: expected the shape of x {tuple(x.shape)}, got {tuple(z.shape)}")
     check_norm_params("post-norm", weight, bias, x.shape[-1])

@@ -3,6 +3,8 @@
 q, k, v: (B, T, H, D), the layout a QKV projection produces (no transpose). Each *_norm is None
 or a (weight, bias) pair of shape (D,) shared across heads. Scores are q k^T * scale (scale
 defaults to 1/sqrt(D)), soft-capped as cap * tanh(s / cap) when softcap is set, then masked.
+eps is the norms' LayerNorm eps (>= 0; 0 means no regulariser: a q, k or v row of equal values
+then normalises to non-finite values, as in torch.nn.functional.layer_norm).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import torch.nn.functional as F
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device
-
-
+from .checks import attention_limits, check_eps, check_float, check_norm_params, check_positive, check_same_device
 
 def _norm(t: torch.Tensor, params, eps: float) -> torch.Tensor:
     return t if params is None else _ln.reference(t, params[0], params[1], eps)
@@ -35,23 +35,39 @@ def reference(
     scale: float | None = None,
     eps: float = 1e-5,
     dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Plain PyTorch in q's dtype. Without a cap it is SDPA; with one it materialises the scores."""
+    return_max_logit: bool = False,
+):
+    """Plain PyTorch in q's dtype. Without a cap it is SDPA; with one, or when the max logit is
+    requested, it materialises the scores."""
     q, k, v = (_norm(t, p, eps).transpose(1, 2) for t, p in ((q, q_norm), (k, k_norm), (v, v_norm)))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    T = q.shape[-2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1) if causal else None
+    raw = (q @ k.transpose(-2, -1)) * scale if softcap is not None or return_max_logit else None
     if softcap is None:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
     else:
-        s = (q @ k.transpose(-2, -1)) * scale
-        s = softcap * torch.tanh(s / softcap)
+        s = softcap * torch.tanh(raw / softcap)
         if causal:
-            T = s.shape[-1]
-            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+            s = s.masked_fill(future, float("-inf"))
         p = torch.softmax(s, dim=-1)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         o = p @ v
-    return o.transpose(1, 2)
+    o = o.transpose(1, 2)
+    if not return_max_logit:
+        return o
+    return o, _head_max(raw.detach(), future)
+
+
+def _head_max(raw: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
+    """(H,) fp32: max over batch and visible positions of (B, H, T, T) raw logits (-inf if none)."""
+    if future is not None:
+        raw = raw.masked_fill(future, float("-inf"))
+    B, H, T, _ = raw.shape
+    if raw.numel() == 0:
+        return raw.new_full((H,), float("-inf"), dtype=torch.float32)
+    return raw.transpose(0, 1).reshape(H, -1).amax(dim=1).float()
 
 
 def raw_logits(q: torch.Tensor, k: torch.Tensor, *, q_norm=None, k_norm=None, scale=None, eps=1e-5) -> torch.Tensor:
@@ -73,16 +89,26 @@ def fused_attention(
     v_norm=None,
     scale: float | None = None,
     eps: float = 1e-5,
-) -> torch.Tensor:
-    """Attention over (B, T, H, D) inputs -> (B, T, H, D)."""
+    return_max_logit: bool = False,
+):
+    """Attention over (B, T, H, D) inputs -> (B, T, H, D).
+
+    With return_max_logit=True -> (o, max_logit): max_logit (H,) fp32, per head the largest raw
+    scaled logit scale * q.k over the visible positions of every sequence of the batch (signed;
+    after any QK-norm, before the soft-cap), not differentiable. The kernel takes it from the
+    tiles it computes anyway; the reference materialises the scores for it.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name}: expected shape (B, T, H, D), got {tuple(t.shape)}")
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(f"{name}: expected the shape and dtype of q {tuple(q.shape)} {q.dtype}, got {tuple(t.shape)} {t.dtype}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap: expected a positive float or None, got {softcap}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: expected a head width D >= 1, got shape {tuple(q.shape)}")
+    check_positive("softcap", softcap)
+    check_positive("scale", scale)
+    check_eps(eps)
     D = q.shape[-1]
     norms = {}
     for name, p in (("q_norm", q_norm), ("k_norm", k_norm), ("v_norm", v_norm)):
@@ -92,15 +118,10 @@ def fused_attention(
             check_norm_params(name, p[0], p[1], D)
             norms[f"{name}_weight"], norms[f"{name}_bias"] = p
     check_same_device("q", q, k=k, v=v, **norms)
-    if use_triton("fused_attention", q):
-        from .fused_attention_triton import DTYPES, HEAD_DIMS
+    if use_triton("fused_attention", q, attention_limits(q)):
         from .fused_attention_triton import fused_attention as kernel
 
-        if D not in HEAD_DIMS:
-            raise ValueError(f"q: head width D={D} is not supported by the Triton kernel; supported head widths: "
-                             f"{', '.join(map(str, HEAD_DIMS))} (the reference backend takes any D)")
-        if q.dtype not in DTYPES:
-            raise ValueError(f"q: dtype {q.dtype} is not supported by the Triton kernel; expected float32, "
-                             "bfloat16 or float16 (the reference backend takes float64)")
-        return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
-    return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale, eps=eps)
+        return kernel(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale,
+                      eps=eps, return_max_logit=return_max_logit)
+    return reference(q, k, v, causal=causal, softcap=softcap, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm, scale=scale,
+                     eps=eps, return_max_logit=return_max_logit)

@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 
 from . import backend
-
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .checks import ATTENTION_HEAD_DIMS as HEAD_DIMS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +76,14 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
+def _safe_eps(eps, row_ok):
+    """eps for rows of data; 1 for rows outside the sequence (loaded as zeros, so zero variance),
+    which with eps = 0 would otherwise normalise 0 * inf = NaN into the tiles' matmuls."""
+    return tl.where(row_ok, eps, 1.0)
+
+
+@triton.jit
+def _normed(x, W, B, offs_d, row_ok, eps, D: tl.constexpr, NORM: tl.constexpr):
     """LayerNorm over the rows of an fp32 (rows, D) tile when NORM, else the tile itself.
 
     D is a power of two, so no padded lanes enter the mean or variance.
@@ -86,7 +91,7 @@ def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
     if NORM:
         mean = tl.sum(x, axis=1) / D
         xc = x - mean[:, None]
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
         w = tl.load(W + offs_d).to(tl.float32)
         b = tl.load(B + offs_d).to(tl.float32)
         return xc * rstd[:, None] * w[None, :] + b[None, :]
@@ -95,15 +100,15 @@ def _normed(x, W, B, offs_d, eps, D: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
-def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, eps, D: tl.constexpr):
+def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, row_ok, eps, D: tl.constexpr):
     """LayerNorm backward for fp32 (rows, D) tiles: returns dx, and stores this tile's fp32 partial
     sums of dweight and dbias at row `row` of DNORM ((2, n_rows, D): dweight rows, then dbias rows).
 
-    Rows outside the sequence must come in with dy = 0 so they add nothing to the partial sums.
+    Rows outside the sequence must come in with dy = 0 and x = 0 so they add nothing to the sums.
     """
     mean = tl.sum(x, axis=1) / D
     xc = x - mean[:, None]
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
     xhat = xc * rstd[:, None]
     wdy = dy * tl.load(W + offs_d).to(tl.float32)[None, :]
     c1 = tl.sum(xhat * wdy, axis=1) / D
@@ -121,6 +126,7 @@ def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, eps, D: tl.constexpr):
 @triton.jit
 def _attn_fwd_tiles(
     acc, l_i, m_i,  # running output (fp32), softmax denominator and row max (log2 units)
+    qk_max,  # running row max of the raw q.k (only kept with MAX_LOGIT and SOFTCAP)
     q,  # (BLOCK_M, D) normalised Q tile in the input dtype
     K, V,  # K and V at this (batch, head)
     KW, KB, VW, VB,  # (D,) norm weight/bias of k and v
@@ -131,13 +137,14 @@ def _attn_fwd_tiles(
     D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
     MASKED: tl.constexpr,  # 1 for tiles crossing the diagonal or the end of the sequence
+    MAX_LOGIT: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
         qk = _dot(q, tl.trans(k), None, DOT_UPCAST)
         s, _ = _logits(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -145,15 +152,19 @@ def _attn_fwd_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(visible, s, float("-inf"))
+            if MAX_LOGIT and SOFTCAP:
+                qk_max = tl.maximum(qk_max, tl.max(tl.where(visible, qk, float("-inf")), axis=1))
+        elif MAX_LOGIT and SOFTCAP:
+            qk_max = tl.maximum(qk_max, tl.max(qk, axis=1))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, qk_max
 
 
 @triton.jit
@@ -163,6 +174,7 @@ def _attn_fwd(
     O,  # (B, T, H, D) output
     O32,  # (B, T, H, D) fp32 output, unrounded, for the backward (strides of O)
     LSE,  # (B, H, T) fp32: log2 of each row's softmax denominator, for the backward
+    MAXLOGIT,  # (programs,) fp32: each program's max raw logit, written only with MAX_LOGIT
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -173,6 +185,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    MAX_LOGIT: tl.constexpr,  # 1: also write the max raw logit over this program's visible scores
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     # One program per (batch * head, query block) on a 1-D grid: no 65535 limit on B * H.
@@ -191,11 +204,12 @@ def _attn_fwd(
     row_in_seq = offs_m < T
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    qk_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # Key tiles before `full_end` are visible to every row of this block and inside the sequence;
     # the rest (the diagonal, the sequence's end) are masked.
     if CAUSAL:
@@ -206,12 +220,20 @@ def _attn_fwd(
         full_end = (T // BLOCK_N) * BLOCK_N
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                    offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
-                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                    offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
-                                    D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+                                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, MAX_LOGIT, DOT_UPCAST)
+    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+                                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, MAX_LOGIT, DOT_UPCAST)
+    if MAX_LOGIT:
+        # The raw scaled logit before any cap (scale > 0, so the max commutes with it). Without a
+        # cap the softmax's own row max (log2 units) is that logit: no extra work per tile.
+        if SOFTCAP:
+            row_max = qk_max * scale
+        else:
+            row_max = m_i * 0.6931471805599453
+        tl.store(MAXLOGIT + pid, tl.max(tl.where(row_in_seq, row_max, float("-inf")), axis=0))
     o = acc / l_i[:, None]
     o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=row_in_seq[:, None])
@@ -243,7 +265,7 @@ def _attn_bwd_dkdv_tiles(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in_seq = offs_m < T
         q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
-        q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(k.dtype)
+        q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(k.dtype)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
         delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
@@ -303,9 +325,9 @@ def _attn_bwd_dkdv(
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
     k = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0)
-    k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(K.dtype.element_ty)
+    k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(K.dtype.element_ty)
     v = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0)
-    v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(V.dtype.element_ty)
+    v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(V.dtype.element_ty)
 
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -340,10 +362,10 @@ def _attn_bwd_dkdv(
     dv = tl.where(key_in_seq[:, None], dv, 0.0)
     if K_NORM:
         k_raw = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, eps, D)
+        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
     if V_NORM:
         v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, eps, D)
+        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
     g_offs = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
     tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None])
     tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None])
@@ -369,9 +391,9 @@ def _attn_bwd_dq_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, eps, D, K_NORM).to(q.dtype)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, eps, D, V_NORM).to(q.dtype)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
         s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -425,7 +447,7 @@ def _attn_bwd_dq(
     row_in_seq = offs_m < T
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_in_seq[:, None], other=0.0)
     # delta from the unrounded o: for a near one-hot row, dp - delta must cancel as exactly as
@@ -454,7 +476,7 @@ def _attn_bwd_dq(
     dq = tl.where(row_in_seq[:, None], dq * scale, 0.0)
     if Q_NORM:
         q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0).to(tl.float32)
-        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, eps, D)
+        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, row_in_seq, eps, D)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None])
 
@@ -524,25 +546,34 @@ def _flags(q, causal, softcap, q_weight, k_weight, v_weight) -> dict:
                 DOT_UPCAST=int(q.dtype == torch.bfloat16 and not q.is_cuda))
 
 
-def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
     B, T, H, D = q.shape
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     o32 = torch.empty((B, T, H, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        return o, o32, lse
     cfg = dict(_blocks(q)["fwd"])
-    grid = (B * H * triton.cdiv(T, cfg["BLOCK_M"]),)
-    _attn_fwd[grid](
+    n_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    # One max per program, reduced over the batch and the query blocks here: no atomics, O(T) memory.
+    part = torch.full((B, H, n_blocks) if max_logit else (0,), float("-inf"), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, o32, lse, _head_max(part, H, max_logit)
+    _attn_fwd[(B * H * n_blocks,)](
         q, k, v,
         *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
-        o, o32, lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
+        o, o32, lse, part if max_logit else lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
         float(scale), float(softcap or 1.0), float(eps),
-        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), **cfg,
+        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), MAX_LOGIT=int(max_logit), **cfg,
     )
     backend.LAUNCHES["fused_attention_fwd"] += 1
-    return o, o32, lse
+    return o, o32, lse, _head_max(part, H, max_logit)
+
+
+def _head_max(part: torch.Tensor, H: int, max_logit: bool) -> torch.Tensor:
+    """(H,) max over batch and query blocks of the per-program maxima; empty when not requested."""
+    if not max_logit:
+        return part
+    return part.amax(dim=(0, 2)) if part.numel() else part.new_full((H,), float("-inf"))
 
 
 def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
@@ -594,16 +625,19 @@ def _attention_op(
     q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
     k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
     v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
-    causal: bool, softcap: float | None, scale: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, o32, lse): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32 in log2 units."""
-    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps)
+    causal: bool, softcap: float | None, scale: float, eps: float, max_logit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, o32, lse, max_logit): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32
+    in log2 units, max_logit (H,) fp32 when requested, else empty."""
+    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps,
+                    max_logit)
 
 
 @_attention_op.register_fake
-def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
     B, T, H, D = q.shape
-    return q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32), q.new_empty((B, H, T), dtype=torch.float32)
+    return (q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32),
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty((H,) if max_logit else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("stableblocks::fused_attention_backward", mutates_args=())
@@ -630,40 +664,42 @@ _PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *params, causal, softcap, scale, eps = inputs
-    _, o32, lse = output
+    q, k, v, *params, causal, softcap, scale, eps, _ = inputs
+    _, o32, lse, max_logit = output
     ctx.save_for_backward(q, k, v, o32, lse, *params)
     ctx.options = (causal, softcap, scale, eps)
-    ctx.mark_non_differentiable(o32, lse)
+    ctx.mark_non_differentiable(o32, lse, max_logit)
 
 
-def _backward_rule(ctx, do, _do32, _dlse):
+def _backward_rule(ctx, do, _do32, _dlse, _dmax_logit):
     q, k, v, o32, lse, *params = ctx.saved_tensors
     dq, dk, dv, dnorm = _attention_backward_op(do, q, k, v, o32, lse, *params, *ctx.options)
     dparams = [None if p is None else dnorm[i].to(p.dtype) for i, p in enumerate(params)]
-    return dq, dk, dv, *dparams, None, None, None, None
+    return dq, dk, dv, *dparams, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5):
+def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5,
+                    return_max_logit=False):
     """The Triton path of kernels.fused_attention.fused_attention (arguments already validated)."""
     (qw, qb), (kw, kb), (vw, vb) = (p if p is not None else (None, None) for p in (q_norm, k_norm, v_norm))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    o, _, _ = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps))
-    return o
+    o, _, _, max_logit = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps),
+                                       bool(return_max_logit))
+    return (o, max_logit) if return_max_logit else o
 
 
 # ----------------------------------------------------------------------------------------------
 # What the AOT compile test and the benchmarks' compile report build
 
 
-# Option sets worth compiling: every option on (QKV-norm, soft-cap) and none.
+# Option sets worth compiling: every option on (QKV-norm, soft-cap, the max logit) and none.
 AOT_OPTIONS = {
-    "all": dict(CAUSAL=1, SOFTCAP=1, Q_NORM=1, K_NORM=1, V_NORM=1),
-    "none": dict(CAUSAL=1, SOFTCAP=0, Q_NORM=0, K_NORM=0, V_NORM=0),
+    "all": dict(CAUSAL=1, SOFTCAP=1, Q_NORM=1, K_NORM=1, V_NORM=1, MAX_LOGIT=1),
+    "none": dict(CAUSAL=1, SOFTCAP=0, Q_NORM=0, K_NORM=0, V_NORM=0, MAX_LOGIT=0),
 }
 
 
@@ -677,8 +713,8 @@ def _signatures(ty: str) -> dict:
         return {f"stride_{n}{x}": "i32" for n in names for x in "bth"}
 
     return {
-        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", **strides("q", "k", "v", "o"),
-                      **scalars},
+        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", "MAXLOGIT": "*fp32",
+                      **strides("q", "k", "v", "o"), **scalars},
         "_attn_bwd_dkdv": {**io, "DO": f"*{ty}", "LSE": "*fp32", "DELTA": "*fp32", **norms, "DK": f"*{ty}",
                            "DV": f"*{ty}", "DNORM_K": "*fp32", "DNORM_V": "*fp32",
                            **strides("q", "k", "v", "do", "g"), **scalars},
@@ -704,7 +740,8 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"),
                     cfg = dict(block_sizes(D, dtype, arch)[kernel.removeprefix("_attn_").removeprefix("bwd_")])
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     for name in options:
-                        constexprs = {"D": D, **cfg, **AOT_OPTIONS[name], "DOT_UPCAST": 0}
+                        flags = {k: v for k, v in AOT_OPTIONS[name].items() if k != "MAX_LOGIT" or kernel == "_attn_fwd"}
+                        constexprs = {"D": D, **cfg, **flags, "DOT_UPCAST": 0}
                         jobs.append(CompileJob(__name__, kernel, sig, constexprs, arch, warps, stages, aligned))
     return jobs
 

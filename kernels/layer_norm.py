@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import use_triton
-from .checks import check_float, check_norm_params, check_same_device, kernel_limits
+from .checks import check_eps, check_float, check_norm_params, check_rows, check_same_device, kernel_limits
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -16,7 +16,10 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """eps >= 0; with eps = 0 a row of equal values normalises to non-finite values (no regulariser)."""
     check_float("x", x)
+    check_rows("x", x)
+    check_eps(eps)
     if weight is None:
         raise ValueError("weight: expected a tensor of shape (x.shape[-1],), got None")
     check_norm_params("layer_norm", weight, bias, x.shape[-1])

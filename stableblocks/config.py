@@ -29,6 +29,9 @@ class StableConfig:
     qk_norm: bool = False
     qkv_norm: bool = False
     softcap: float | None = None  # attention-logit soft-cap: cap * tanh(s / cap)
+    # QK-clip: after each optimizer step, heads whose max raw logit exceeded tau are rescaled to tau
+    # (SPEC.md "QK-clip"; stableblocks.qk_clip). None: off.
+    qk_clip: float | None = None
     post_norm: bool = False  # LayerNorm on the Proj and FC2 outputs before the residual add
     init: str = "gpt2"  # "gpt2" | "scaled" | "wesar"
     wesar_sigma: float = math.sqrt(4e-5)  # common std of every gated weight under init="wesar"
@@ -48,10 +51,10 @@ class StableConfig:
             raise ValueError(f"n_head: {self.n_head} does not divide n_embd = {self.n_embd}")
         if self.qk_norm and self.qkv_norm:
             raise ValueError("qk_norm and qkv_norm: set one; QKV-norm already normalises q and k")
-        for name in ("softcap", "logit_softcap"):
+        for name in ("softcap", "logit_softcap", "qk_clip"):
             cap = getattr(self, name)
-            if cap is not None and not cap > 0:
-                raise ValueError(f"{name}: expected a positive float or None, got {cap!r}")
+            if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < math.inf):
+                raise ValueError(f"{name}: expected a positive finite float or None, got {cap!r}")
         if self.init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {self.init!r}")
         if self.activation not in ACTIVATIONS:

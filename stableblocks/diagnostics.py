@@ -5,9 +5,10 @@ Every `diag_interval` steps the trainer collects:
 - per-matrix update ratio ||dW|| / ||W|| from a copy of the matrices taken before the step;
 - a probe: one no-grad forward of a single sampled row of the step's batch, in eval mode and
   eager (under --compile too), with forward hooks that record Token Embedding Variability, the
-  max |raw attention logit| per layer (q k^T / sqrt(D) after QK-norm, before any cap, over the
-  causal positions of every head), the per-token L2 norm of the QKV, Proj and FC2 outputs, and
-  the output-logit mean and log Z.
+  per-token L2 norm of the QKV, Proj and FC2 outputs, and the output-logit mean and log Z; and
+  the max raw attention logit per layer (signed max of q k^T / sqrt(D) after QK-norm, before any
+  cap, over the causal positions of every head), which the attention op reports itself
+  (stableblocks.qk_clip.record_max_logits; on the kernel path no T x T scores are built).
 
 The probe is a separate forward with its own hooks, registered and removed around it: the
 training forward and backward run with no hook at all, so the numerics of training are
@@ -24,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .kernels.fused_attention import raw_logits
 from .modules import StableAttention, StableEmbedding
+from .qk_clip import record_max_logits
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -110,11 +111,6 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
 
     def on_attention(m, args, y):
         q, k, v = m.qkv(args[0])
-        norms = m.norms()
-        s = raw_logits(q.float(), k.float(), q_norm=norms["q_norm"], k_norm=norms["k_norm"], eps=m.eps)
-        T = s.shape[-1]
-        future = torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1)
-        out["attn_logit_max"].append(s.abs().masked_fill(future, 0.0).amax().item())
         out["qkv_out_norm"].append(torch.cat([q, k, v], dim=-1).float().flatten(2).norm(dim=-1).mean().item())
 
     def record(key):
@@ -132,12 +128,13 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
     was_training = model.training
     model.eval()
     try:
-        with torch.compiler.set_stance("force_eager"), autocast():
+        with torch.compiler.set_stance("force_eager"), autocast(), record_max_logits(model) as max_logits:
             logits, _ = model(idx)
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
+    out["attn_logit_max"] = [m.max().item() for m in max_logits.values()]
     logits = logits.float()
     out["logit_mean"] = logits.mean().item()
     out["log_z"] = torch.logsumexp(logits, dim=-1).mean().item()

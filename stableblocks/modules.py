@@ -100,6 +100,9 @@ class StableAttention(nn.Module):
         self.eps = cfg.eps
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # Per-head max raw logit of the forwards run while recording (stableblocks.qk_clip.MaxLogits).
+        self.record_max_logit = False
+        self.max_logit: torch.Tensor | None = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, H, D) views of the projection's output (before any norm)."""
@@ -121,11 +124,16 @@ class StableAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
+        record = self.record_max_logit
         if self.training and self.dropout > 0:
             # The fused kernel has no dropout: attention dropout takes the reference path.
-            y = attention_reference(q, k, v, softcap=self.softcap, eps=self.eps, dropout_p=self.dropout, **self.norms())
+            y = attention_reference(q, k, v, softcap=self.softcap, eps=self.eps, dropout_p=self.dropout,
+                                    return_max_logit=record, **self.norms())
         else:
-            y = fused_attention(q, k, v, softcap=self.softcap, eps=self.eps, **self.norms())
+            y = fused_attention(q, k, v, softcap=self.softcap, eps=self.eps, return_max_logit=record, **self.norms())
+        if record:
+            y, m = y
+            self.max_logit = m if self.max_logit is None else torch.maximum(self.max_logit, m)
         return self.resid_drop(self.c_proj(rearrange(y, "b t h d -> b t (h d)")))
 
 

@@ -8,7 +8,7 @@ from .config import StableConfig
 
 # Every technique field, so each recipe states all of them (overrides come on top).
 _PLAIN = dict(
-    embed_scale=False, embed_ln=False, qk_norm=False, qkv_norm=False, softcap=None,
+    embed_scale=False, embed_ln=False, qk_norm=False, qkv_norm=False, softcap=None, qk_clip=None,
     post_norm=False, init="scaled", tie_embeddings=True, embed_weight_decay=False,
 )
 
@@ -32,6 +32,8 @@ RECIPES: dict[str, tuple[str, str, dict]] = {
                    {**_PLAIN, "qk_norm": True, "post_norm": True}),
     "wesar": ("gated weights alpha * W, common small std, untied head", "Nishida et al. 2024 (WeSaR)",
               {**_PLAIN, "init": "wesar", "tie_embeddings": False}),
+    "qk-clip": ("vanilla + QK-clip tau 100: heads whose max raw logit passed tau rescaled after each step",
+                "Kimi K2 (MuonClip); Megatron-LM qk_clip", {**_PLAIN, "qk_clip": 100.0}),
 }
 # The project's default: the best loss among the recipes that keep attention logits bounded, at
 # 0.6x vanilla's LR sensitivity (benchmarks/stability/results, README "What the stabilisers buy").

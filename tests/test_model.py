@@ -22,6 +22,7 @@ SPEC_TABLE = {
     "qkv-norm": ("plain", "scaled", "qkv", False, False, False),
     "qk-fc-norm": ("plain", "scaled", "qk", True, True, False),
     "wesar": ("plain", "wesar", "plain", False, True, False),
+    "qk-clip": ("plain", "scaled", "plain", False, True, False),  # + qk_clip = 100
 }
 
 
@@ -34,6 +35,7 @@ def test_recipe_matches_spec_row(name):
     assert cfg.qk_norm == (attention in ("qk", "qk+cap50"))
     assert cfg.qkv_norm == (attention == "qkv")
     assert cfg.softcap == (50.0 if attention == "qk+cap50" else None)
+    assert cfg.qk_clip == (100.0 if name == "qk-clip" else None)
     assert cfg.post_norm == post_norm
     assert cfg.embed_weight_decay == embed_decay
     assert cfg.tie_embeddings == (init != "wesar")
