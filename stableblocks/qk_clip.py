@@ -150,6 +150,10 @@ class QKClip:
             prev = self._max.get(name)
             self._max[name] = value if prev is None else torch.maximum(prev, value)
 
+    def discard(self) -> None:
+        """Forget what was recorded (a step whose update was skipped or rolled back)."""
+        self._max = {}
+
     def apply(self) -> ClipResult:
         try:
             return apply_qk_clip(self.model, self.tau, self._max)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import checkpoint, data, diagnostics, distributed, rundir
 from .distributed import Dist
 from .model import StableGPT
+from .qk_clip import QKClip
 from .spikes import DivergenceRule, SpikeDetector
 from .train_config import TrainConfig, model_config, resume_changes
 
@@ -114,6 +115,8 @@ class Trainer:
                       "skipped_steps": [], "rollbacks": 0, "max_grad_norm": 0.0, "max_attn_logit": None, "tokens": 0,
                       "train_time": 0.0, "diag_time": 0.0}
         self.ratio = diagnostics.UpdateRatio(self.core)
+        # QK-clip: the step's per-head max logits, recorded over its micro-batches, rescale q/k after the update.
+        self.clip = None if self.mcfg.qk_clip is None else QKClip(self.core, self.mcfg.qk_clip)
 
     def _open_run_dir(self, resumed: bool) -> None:
         """Every check has passed: now the folder may change (rank 0 writes, holding the lock)."""
@@ -193,9 +196,12 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=d.device)
+        if self.clip is not None:
+            self.clip.discard()  # a skipped or rolled-back step's record does not carry over
+        recording = contextlib.nullcontext if self.clip is None else self.clip.recording
         for micro in range(cfg.grad_accum):
             x, y = self.corpus.train.sample(cfg.batch_size, self.seq_len, self.gen, self.rows)
-            with distributed.grad_sync(self.net, self.core, cfg.fsdp, micro == cfg.grad_accum - 1), self.autocast():
+            with distributed.grad_sync(self.net, self.core, cfg.fsdp, micro == cfg.grad_accum - 1), self.autocast(), recording():
                 _, loss = self.net(x.to(d.device), y.to(d.device))
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
@@ -255,6 +261,10 @@ class Trainer:
         if apply:
             self.opt.step()
             self.clean = not spike
+            if self.clip is not None:
+                clipped = self.clip.apply()
+                row["qk_clip_max_logit"] = max(v.max().item() for v in clipped.max_logit.values())
+                row["qk_clip_heads"] = sum(int((f < 1).sum()) for f in clipped.factor.values())
         else:
             row["skipped"] = True
             self.stats["skipped_steps"].append(self.step_no)
