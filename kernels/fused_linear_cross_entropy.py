@@ -5,7 +5,8 @@ lse - z[target] + z_loss * lse^2; the loss is their mean over the kept tokens (o
 SPEC.md, "Fused linear cross-entropy", gives the gradients.
 
 Both paths work on row chunks and recompute each chunk's logits in backward: forward saves
-only one fp32 log-sum-exp per token. Extra memory beyond the inputs and gradients:
+only one fp32 log-sum-exp per token (the reference, when a single chunk holds every row, keeps
+that chunk's logits instead of recomputing them). Extra memory beyond the inputs and gradients:
 O(N) for the per-token values plus one chunk of logits (the reference: at most
 _REFERENCE_CHUNK fp32 values and their temporaries; the Triton path: see its module), plus an
 fp32 accumulator of d weight when the weight is not fp32.
@@ -72,14 +73,16 @@ class _ChunkedLoss(torch.autograd.Function):
         cat = (lambda parts: torch.cat(parts)) if n else (lambda _: h.new_zeros(0, dtype=_acc_dtype(h)))
         loss, lse = cat(losses), cat(lses)
         umax = cat(umaxes) if with_max else h.new_zeros(0, dtype=_acc_dtype(h))
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+        # One chunk holds every row: keep its logits (within the chunk bound) rather than recompute them.
+        kept_z = z if 0 < n <= rows_per_chunk else None
+        ctx.save_for_backward(h, weight, bias, targets, lse, kept_z)
         ctx.options = ignore_index, softcap, z_loss, rows_per_chunk
         ctx.mark_non_differentiable(lse, umax)
         return loss, lse, umax
 
     @staticmethod
     def backward(ctx, g, _dlse, _dumax):
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h, weight, bias, targets, lse, kept_z = ctx.saved_tensors
         ignore_index, softcap, z_loss, rows_per_chunk = ctx.options
         w = weight.to(h.dtype)
         b = None if bias is None else bias.to(h.dtype)
@@ -91,7 +94,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, h.shape[0], rows_per_chunk):
             end = start + rows_per_chunk
             hc, t, lse_c = h[start:end], targets[start:end], lse[start:end]
-            _, z = _logits(hc, w, b, softcap)
+            z = kept_z if kept_z is not None else _logits(hc, w, b, softcap)[1]
             kept = t != ignore_index
             gk = torch.where(kept, g[start:end].to(acc), 0.0)
             dz = torch.exp(z - lse_c[:, None]) * (gk * (1 + 2 * z_loss * lse_c))[:, None]
