@@ -73,7 +73,7 @@ def test_bf16_autocast_on_every_kernel():
         torch.manual_seed(0)
         model = sb.StableGPT(sb.recipe("qk-fc-norm", softcap=50.0, embed_ln=True, **TINY))
         x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             _, loss = model(x, torch.roll(x, -1, 1))
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters()}
