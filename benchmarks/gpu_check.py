@@ -1,7 +1,7 @@
 """Check and time every kernel on a CUDA GPU, in one command:
 
     python -m benchmarks.gpu_check            # everything; results in benchmarks/results/gpu/
-    python -m benchmarks.gpu_check --quick    # the short version, written to a temporary folder
+    python -m benchmarks.gpu_check --quick    # the short version, into runs/benchmarks/gpu_check
 
 On a CUDA machine, in order (each step recorded, a failing step does not stop the next):
 1. tests: the kernel test suites (tests/test_kernels_ln_family.py, test_kernels_fused_attention.py,
@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -55,15 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="fast tests only, four recipes, one shape per op (about 2 minutes)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/gpu for a full run, "
-                                            "a new temporary folder for --quick)")
+                                            "runs/benchmarks/gpu_check for a quick or partial one)")
     p.add_argument("--steps", nargs="+", choices=("tests", "equivalence", "microbench", "memory"),
                    default=["tests", "equivalence", "microbench", "memory"], help="run only these steps")
     args = p.parse_args(argv)
-    partial = args.quick or len(set(args.steps)) < 4
-    if partial and args.out is not None and args.out.resolve() == GPU_RESULTS.resolve():
-        p.error(f"--out {args.out}: only a full run (no --quick, every step) writes there")
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="gpu_check-")) if partial else GPU_RESULTS
+    args.out = results.output_folder(p, GPU_RESULTS, args.out, args.quick or len(set(args.steps)) < 4, "gpu_check")
     return args
 
 

@@ -21,7 +21,7 @@ def test_without_a_gpu_it_says_so_writes_nothing_and_exits_0(monkeypatch, tmp_pa
 def test_only_a_full_run_writes_to_the_results_folder(tmp_path):
     assert gpu_check.parse_args([]).out == gpu_check.GPU_RESULTS
     for partial in (["--quick"], ["--steps", "tests", "memory"]):
-        assert gpu_check.parse_args(partial).out != gpu_check.GPU_RESULTS
+        assert gpu_check.parse_args(partial).out == results.SCRATCH / "gpu_check"
         with pytest.raises(SystemExit) as exc:
             gpu_check.parse_args([*partial, "--out", str(gpu_check.GPU_RESULTS)])
         assert exc.value.code == 2
