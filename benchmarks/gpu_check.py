@@ -5,7 +5,7 @@
 
 On a CUDA machine, in order (each step recorded, a failing step does not stop the next):
 1. tests: the kernel test suites (tests/test_kernels_ln_family.py, test_kernels_fused_attention.py,
-   test_model_triton.py) in a child process with STABLEBLOCKS_TEST_DEVICE=cuda and without
+   test_kernels_fused_linear_cross_entropy.py, test_model_triton.py) in a child process with STABLEBLOCKS_TEST_DEVICE=cuda and without
    TRITON_INTERPRET: the same test functions on CUDA tensors with compiled kernels, the tests only a
    GPU can run among them (gradients that repeat bitwise from run to run: the LayerNorm family and
    the embedding backward, the attention weight gradients). --quick leaves out the slow ones.
@@ -17,8 +17,8 @@ On a CUDA machine, in order (each step recorded, a failing step does not stop th
 4. memory: peak torch.cuda.max_memory_allocated over one training step (forward, backward, AdamW)
    of StableGPT per recipe, with each backend.
 
-Written: gpu_check.json (device, versions, every step's result), tests.xml (JUnit) and
-microbench.csv. Only a full run writes to benchmarks/results/gpu/, the folder the results page's
+Written: gpu_check.json (device, versions, every step's result), tests-*.xml (JUnit, one per
+suite) and microbench.csv. Only a full run writes to benchmarks/results/gpu/, the folder the results page's
 measured columns read. Exit status 0 when every step passed, 1 otherwise; without a CUDA GPU it
 says so, writes nothing and exits 0.
 """
@@ -40,7 +40,11 @@ from . import results
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RESULTS = results.RESULTS / "gpu"
-TEST_FILES = ("tests/test_kernels_ln_family.py", "tests/test_kernels_fused_attention.py", "tests/test_model_triton.py")
+TEST_FILES = ("tests/test_kernels_ln_family.py", "tests/test_kernels_fused_attention.py",
+              "tests/test_kernels_fused_linear_cross_entropy.py", "tests/test_model_triton.py")
+# Tests of what only the CPU path does, in suites that do not skip them on CUDA themselves: an
+# out-of-range target there is a device assert, which would end the child's CUDA context.
+CPU_ONLY = ("tests/test_kernels_fused_linear_cross_entropy.py::test_bad_input_is_a_clear_error",)
 QUICK_RECIPES = ("gpt2", "stable", "qk-norm-cap", "qkv-norm")
 # Full microbenchmark sweep: GPT-2 small's shape (the results page's projection) and wider ones.
 FULL_SWEEP = ["--T", "1024", "4096", "--d", "768", "1024", "--D", "64", "128"]
@@ -109,14 +113,23 @@ def child_env() -> dict:
 
 
 def run_tests(out: Path, quick: bool) -> dict:
-    xml = out / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *TEST_FILES,
-           "-m", "not slow" if quick else "slow or not slow"]
+    """Each suite in its own child: a device assert ends a process's CUDA context, and with it
+    every later test in that process."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    summary = junit_summary(xml)
-    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "seconds": time.perf_counter() - t0,
-            "command": " ".join(cmd[1:]), **summary, "tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
+    total = {"ok": True, "passed": 0, "failed": 0, "skipped": 0, "failures": [], "files": {}}
+    for path in TEST_FILES:
+        xml = out / f"tests-{Path(path).stem}.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", path,
+               "-m", "not slow" if quick else "slow or not slow", *(f"--deselect={t}" for t in CPU_ONLY)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+        summary = junit_summary(xml)
+        total["files"][path] = {"returncode": proc.returncode, **summary,
+                                "tail": "" if proc.returncode == 0 else proc.stdout[-3000:] + proc.stderr[-2000:]}
+        total["ok"] &= proc.returncode == 0
+        for key in ("passed", "failed", "skipped", "failures"):
+            total[key] += summary[key]
+    total["seconds"] = time.perf_counter() - t0
+    return total
 
 
 def run_microbench(out: Path, quick: bool) -> dict:

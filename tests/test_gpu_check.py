@@ -2,6 +2,8 @@
 measured columns, and the device switch the CUDA test run uses (on the meta device)."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +105,32 @@ def test_test_device_switch_moves_factory_results_and_keeps_their_values():
     assert kept.device.type == "cpu"
     with on_device("cpu"):
         assert torch.equal(torch.randn(3, generator=torch.Generator().manual_seed(0)), want)
+
+
+def test_each_suite_runs_in_its_own_child_on_cuda(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(cmd, cwd, env, capture_output, text):
+        calls.append((cmd, env))
+        xml = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+        failed = "<failure/>" if "fused_attention" in xml else ""
+        Path(xml).write_text(f'<testsuite><testcase classname="c" name="a"/><testcase classname="c" name="b">{failed}'
+                             '</testcase></testsuite>')
+        return subprocess.CompletedProcess(cmd, 1 if failed else 0, "out", "err")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    got = gpu_check.run_tests(tmp_path, quick=True)
+    assert [c[0][7] for c in calls] == list(gpu_check.TEST_FILES)
+    for cmd, env in calls:
+        assert "TRITON_INTERPRET" not in env and env["STABLEBLOCKS_TEST_DEVICE"] == "cuda"
+        assert cmd[cmd.index("not slow") - 1] == "-m" and "slow or not slow" not in cmd
+        assert {f"--deselect={t}" for t in gpu_check.CPU_ONLY} <= set(cmd)
+    assert not got["ok"] and got["passed"] == 2 * len(calls) - 1 and got["failures"] == ["c::b"]
+
+
+def test_the_cpu_only_tests_named_exist():
+    root = Path(gpu_check.ROOT)
+    for node in gpu_check.CPU_ONLY:
+        path, name = node.split("::")
+        assert f"def {name}(" in (root / path).read_text(), node
