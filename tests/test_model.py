@@ -323,3 +323,19 @@ def test_backend_using_restores_the_previous_backend():
             assert sb.get_backend() == "reference"
             raise RuntimeError("inside")
     assert sb.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["qk-norm", "qkv-norm", "qk-norm-cap"])
+def test_attention_reference_path_matches_the_op_on_the_projection_views(name):
+    """StableAttention hands the reference contiguous copies of the normed q, k (v) on CPU: the
+    same values, so the same outputs and gradients as the op on the strided views, bit for bit."""
+    attn = sb.modules.StableAttention(sb.recipe(name, **TINY))
+    x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
+    dy = torch.randn(2, 9, TINY["n_embd"])
+    params = [x, *attn.parameters()]
+    got = torch.autograd.grad(attn(x), params, dy)
+    q, k, v = attn.qkv(x)
+    y = sb.kernels.fused_attention(q, k, v, softcap=attn.softcap, eps=attn.eps, **attn.norms())
+    want = torch.autograd.grad(attn.c_proj(y.flatten(2)), params, dy)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
