@@ -4,8 +4,9 @@ A *case* is one op with one setting of its options (e.g. fused_add_norm with a p
 next pre-norm). A *provider* computes a case: "triton" (stableblocks' kernel), "eager" (the op's
 plain-PyTorch reference, i.e. the composition a user would write), "compile" (torch.compile of
 that reference) and, for attention, "sdpa", "flex" (FlexAttention with a soft-cap score_mod) and
-"flash_attn" (if installed). For fused_linear_cross_entropy "eager" is the materialising formula
-(the (N, V) logits, F.cross_entropy) and "reference" the op's chunked plain-PyTorch path. Every case also knows its unavoidable bytes (each input read once,
+"flash_attn" (if installed); for LayerNorm, "liger" (Liger-Kernel's, if installed). For
+fused_linear_cross_entropy "eager" is the materialising formula (the (N, V) logits,
+F.cross_entropy) and "reference" the op's chunked plain-PyTorch path. Every case also knows its unavoidable bytes (each input read once,
 each output written once) and, for attention, its FLOPs.
 """
 
@@ -211,6 +212,10 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def providers(case: Case, device: str) -> list[str]:
     names = ["triton", "eager", "compile"]
     if case.op in EAGER:
@@ -219,6 +224,8 @@ def providers(case: Case, device: str) -> list[str]:
         names += ["sdpa", "flex"]
         if device == "cuda" and flash_attn_available():
             names.append("flash_attn")
+    if case.op == "layer_norm" and device == "cuda" and liger_available():
+        names.append("liger")
     return names
 
 
@@ -243,7 +250,11 @@ def unavailable(case: Case, provider: str, device: str, mode: str) -> str | None
         return "FlexAttention has no backward on CPU"
     elif provider == "flash_attn" and not (device == "cuda" and flash_attn_available()):
         return "flash_attn is not installed" if device == "cuda" else "flash_attn needs CUDA"
-    elif provider not in ("reference", "eager", "compile", "sdpa", "flex", "flash_attn"):
+    elif provider == "liger" and case.op != "layer_norm":
+        return "Liger is compared on LayerNorm only"
+    elif provider == "liger" and not (device == "cuda" and liger_available()):
+        return "liger_kernel is not installed" if device == "cuda" else "Liger needs CUDA"
+    elif provider not in ("reference", "eager", "compile", "sdpa", "flex", "flash_attn", "liger"):
         raise ValueError(f"provider: unknown {provider!r}")
     return None
 
@@ -274,6 +285,10 @@ def provider_fn(case: Case, provider: str, device: str):
         return _with_norms(_sdpa)
     if provider == "flex":
         return _with_norms(_flex(case.options["softcap"], device))
+    if provider == "liger":
+        from liger_kernel.transformers.functional import liger_layer_norm
+
+        return lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)
     return _with_norms(_flash_attn)
 
 

@@ -91,12 +91,13 @@ def gpu_blocks(data: dict, kernel: str, D: int, arch: str = "sm_90a") -> tuple[i
     return None
 
 
-def projection_table(data: dict, micro: list[dict]) -> str:
-    """Projected H100 time at GPT-2 small's shape (8 x 1024 tokens, d = 768, 12 heads of 64)."""
+def projection_table(data: dict, gpu: list[dict]) -> str:
+    """Projected H100 time at GPT-2 small's shape (8 x 1024 tokens, d = 768, 12 heads of 64),
+    beside the times measured by the last full GPU check (`gpu`: its microbench rows)."""
     from .bytes_moved import fa2_model
 
-    measured = {(r["op"], r["provider"], r["mode"], r["shape"]): r["p50"] for r in results.latest(micro)
-                if "H100" in r["device"] and r["metric"] == "time" and r["p50"] is not None}
+    measured = {(r["op"], r["provider"], r["mode"], r["shape"]): r["p50"] for r in results.latest(gpu)
+                if r["metric"] == "time" and r["p50"] is not None}
     rows = []
     for e in data.get("bytes", []):
         case = _case(e["case"])
@@ -125,7 +126,7 @@ def projection_table(data: dict, micro: list[dict]) -> str:
             rows.append([f"`{e['case']}`", mode, _fmt(floor), _fmt(kernel) if e["triton"] else e["note"], _fmt(eager),
                          got("triton"), got("eager"), note])
     return _table(["case", "pass", "floor µs (unavoidable)", "kernel µs (projected)", "eager µs (projected, lower bound)",
-                   "kernel µs (measured H100)", "eager µs (measured H100)", "model"], rows)
+                   "kernel µs (measured)", "eager µs (measured)", "model"], rows)
 
 
 # --- the other sections ---------------------------------------------------------------------------
@@ -453,7 +454,7 @@ def plot_cost_model(data: dict, out: Path) -> list[Path]:
 # --- the page and the README ------------------------------------------------------------------------
 
 
-def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Path:
+def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path], gpu: tuple[list[dict], dict] = ([], {})) -> Path:
     cost_shapes = sorted({e["shape"] for e in data.get("bytes", [])})
     parts = [
         "# Benchmark results",
@@ -491,10 +492,11 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path]) -> Pa
         f"At `{PROJECTION.B} x {PROJECTION.T}` tokens, d = {PROJECTION.d}, heads of {PROJECTION.D}, bf16 activations and "
         "fp32 weights: the measured "
         "bytes ratios applied to this shape, over 3.35 TB/s (memory-bound ops); attention takes the larger of "
-        "its bytes time and its FLOPs over 989 TFLOP/s. Measured H100 columns fill in once "
-        "`python -m benchmarks.microbench` has run on an H100.",
+        "its bytes time and its FLOPs over 989 TFLOP/s. Measured columns: "
+        + (f"the last full `python -m benchmarks.gpu_check` ({gpu[1]['timestamp']}; {gpu[1]['device']}; {gpu[1]['versions']})."
+           if gpu[1] else "empty until a full `python -m benchmarks.gpu_check` has run (benchmarks/results/gpu/)."),
         "",
-        projection_table(data, micro),
+        projection_table(data, gpu[0]),
         "",
         "## Activation memory per block",
         "",
@@ -571,7 +573,9 @@ def write_all(out: Path = results.RESULTS, readme: Path | None = README) -> Path
     data = json.loads(path.read_text()) if path.exists() else {}
     micro = results.read(out / "microbench.csv")
     pngs = plot_cost_model(data, out) + plot_microbench(micro, out)
-    page = write_page(out, data, micro, pngs)
+    from .gpu_check import measured_rows
+
+    page = write_page(out, data, micro, pngs, measured_rows(out / "gpu"))
     if readme is not None and data:
         update_readme(readme, data)
     return page

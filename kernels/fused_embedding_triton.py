@@ -4,12 +4,18 @@ Forward: e = LN((wte[idx] + wpe[t]) * scale) (LN optional), written once. Saved 
 idx and the fp32 mean/rstd of each row, nothing else; the pre-LN rows are recomputed from wte
 and wpe, which autograd keeps anyway.
 
-Backward, one program per (position tile, batch slice): reads de once, recomputes the rows,
-sums d wpe over its batch slice in registers, keeps fp32 partial sums for the LN weight and
-bias, and adds into d wte (every row) and d wpe (once per slice) with fp32 atomics. Under
-torch.use_deterministic_algorithms(True) there is no atomic anywhere: each slice writes its own
-d wpe partial (summed in a fixed order), and d wte comes from a stable sort of idx and one
-segment sum per distinct token (reading de a second time), so two runs give the same bits.
+Backward, atomic-free and deterministic by construction (every sum has a fixed order), each
+gradient row written once in its parameter's dtype, no dense fp32 buffer. The launcher sorts the
+token ids (stably) and finds where each token's run starts. Then two kernels, writing disjoint
+rows of d wte:
+- _embedding_bwd: persistent programs over position tiles, each looping over the whole batch:
+  reads de once, recomputes the rows, writes d wpe once per position (zeros for the positions
+  past seq_len), keeps fp32 partial sums for the LN weight and bias (summed in a fixed order),
+  and writes the d wte row of every token that occurs once.
+- _embedding_bwd_tokens: one program per tile of vocabulary rows: zeros for tokens that do not
+  occur, and for tokens that occur more than once the sum of their rows in sorted order. Only
+  these rows read de (and, with LN, wte and wpe) a second time: with distinct token ids d wte
+  costs exactly its one write.
 
 idx range: on CPU a ValueError before launch; on CUDA an asynchronous device assert
 (torch._assert_async, no host sync), as F.embedding raises on CUDA. Never a clamp.
@@ -96,119 +102,118 @@ def _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, pos, col, row_o
 def _embedding_bwd(
     DE,  # *(n_rows, width) gradient of the output, unit column stride
     IDX,  # *int (n_rows,) token ids
+    STARTS,  # *int32 (vocab + 1,) where each token's run starts among the sorted ids
     WTE,  # *(vocab, width) token embeddings (to recompute the pre-LN rows)
     WPE,  # *(positions, width) position embeddings; ignored unless HAS_WPE
     LNW,  # *(width,) Embed LN weight; ignored unless HAS_LN
     Mean, Rstd,  # *fp32 (n_rows,) the forward's statistics; ignored unless HAS_LN
-    DWTE,  # *fp32 (vocab, width) zeroed; atomically accumulated unless ATOMIC == 0
-    DWPE,  # *fp32 ATOMIC: (positions, width) zeroed, each slice adds its sum of d wpe once;
-           #       else (slices, seq_len, width), each slice writes its own sum
+    DWTE,  # *(vocab, width) WTE's dtype; the rows of tokens that occur once are written here
+    DWPE,  # *(n_pos, width) WPE's dtype; every row written here; ignored unless HAS_WPE
     DLNW, DLNB,  # *fp32 (programs, width) partial sums for the LN weight and bias
     stride_de,
     stride_wte,
     stride_wpe,
     batch,
     seq_len,
+    n_pos,  # rows of DWPE (>= seq_len)
     width,
     scale,  # float; cast to fp32 here
     HAS_WPE: tl.constexpr,
     HAS_LN: tl.constexpr,
-    ATOMIC: tl.constexpr,  # 1: atomics for d wte and across slices of d wpe; 0: none (deterministic)
-    BLOCK_M: tl.constexpr,  # positions per program
+    BLOCK_M: tl.constexpr,  # positions per tile
     BLOCK_N: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)  # position tile
-    pid_b = tl.program_id(1)  # batch slice: b = pid_b, pid_b + slices, ...
-    slices = tl.num_programs(1)
-    pos = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
     col = tl.arange(0, BLOCK_N)
-    pos_ok = pos < seq_len
     col_ok = col < width
-    ok = pos_ok[:, None] & col_ok[None, :]
     scale = tl.cast(scale, tl.float32)
-    dwpe = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     dlnw = tl.zeros((BLOCK_N,), tl.float32)
     dlnb = tl.zeros((BLOCK_N,), tl.float32)
-    for b in range(pid_b, batch, slices):
-        row = tl.cast(b, tl.int64) * seq_len + pos
-        tok = tl.load(IDX + row, mask=pos_ok, other=0).to(tl.int64)
-        g, de, ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, pos, col, pos_ok, col_ok,
-                                          stride_de, stride_wte, stride_wpe, width, scale, HAS_WPE, HAS_LN)
-        dwpe += g
-        if HAS_LN:
-            dlnw += tl.sum(de * ehat, axis=0)
-            dlnb += tl.sum(de, axis=0)
-        if ATOMIC:
-            tl.atomic_add(DWTE + tok[:, None] * width + col[None, :], g, mask=ok)
-    if HAS_WPE:
-        if ATOMIC:  # a few slices per position: the adds meet in L2, d wpe crosses DRAM once
-            tl.atomic_add(DWPE + pos[:, None].to(tl.int64) * width + col[None, :], dwpe, mask=ok)
-        else:
-            tl.store(DWPE + (pid_b * seq_len + pos[:, None]).to(tl.int64) * width + col[None, :], dwpe, mask=ok)
+    for t in range(pid, tl.cdiv(n_pos, BLOCK_M), tl.num_programs(0)):
+        pos = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos_ok = pos < seq_len
+        ok = pos_ok[:, None] & col_ok[None, :]
+        dwpe = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for b in range(0, tl.where(t * BLOCK_M < seq_len, batch, 0)):  # tiles past seq_len: zeros
+            row = tl.cast(b, tl.int64) * seq_len + pos
+            tok = tl.load(IDX + row, mask=pos_ok, other=0).to(tl.int64)
+            g, de, ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, pos, col, pos_ok, col_ok,
+                                              stride_de, stride_wte, stride_wpe, width, scale, HAS_WPE, HAS_LN)
+            dwpe += g
+            if HAS_LN:
+                dlnw += tl.sum(de * ehat, axis=0)
+                dlnb += tl.sum(de, axis=0)
+            count = tl.load(STARTS + tok + 1, mask=pos_ok, other=0) - tl.load(STARTS + tok, mask=pos_ok, other=0)
+            tl.store(DWTE + tok[:, None] * width + col[None, :], cast_rtne(g, DWTE.dtype.element_ty),
+                     mask=ok & (count == 1)[:, None])
+        if HAS_WPE:
+            tl.store(DWPE + pos[:, None].to(tl.int64) * width + col[None, :], cast_rtne(dwpe, DWPE.dtype.element_ty),
+                     mask=(pos < n_pos)[:, None] & col_ok[None, :])
     # Every program writes its partial rows, idle ones too.
-    pid = pid_b * tl.num_programs(0) + pid_t
     tl.store(DLNW + pid * width + col, dlnw, mask=col_ok)
     tl.store(DLNB + pid * width + col, dlnb, mask=col_ok)
 
 
 @triton.jit
-def _embedding_bwd_sorted(
+def _embedding_bwd_tokens(
     DE,  # *(n_rows, width) gradient of the output, unit column stride
-    SORTED,  # *int64 (n_rows,) token ids sorted (stably)
-    ORDER,  # *int64 (n_rows,) the row each sorted id came from
-    SEG_END,  # *int64 (n_rows,) one past the last sorted position holding the same id
+    ORDER,  # *int64 (n_rows,) the rows, sorted (stably) by token id
+    STARTS,  # *int32 (vocab + 1,) where each token's run starts in ORDER
     WTE, WPE, LNW, Mean, Rstd,  # as in _embedding_bwd
-    DWTE,  # *(vocab, width) output, WTE's dtype, zeroed; rows of ids that occur are written once
+    DWTE,  # *(vocab, width) WTE's dtype; every row but those of tokens that occur once written here
     stride_de,
     stride_wte,
     stride_wpe,
-    n_rows,
+    vocab,
     seq_len,
     width,
     scale,  # float; cast to fp32 here
     HAS_WPE: tl.constexpr,
     HAS_LN: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # occurrences summed per step
+    BLOCK_M: tl.constexpr,  # vocabulary rows per program
     BLOCK_N: tl.constexpr,
 ):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_ok = tok < vocab
     col = tl.arange(0, BLOCK_N)
     col_ok = col < width
-    scale = tl.cast(scale, tl.float32)
-    for start in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        tok = tl.load(SORTED + start)
-        # A segment belongs to the program that holds its first sorted position.
-        if (start == 0) | (tl.load(SORTED + tl.maximum(start - 1, 0)) != tok):
-            end = tl.load(SEG_END + start)
-            acc = tl.zeros((BLOCK_N,), tl.float32)
-            for first in range(start, end, BLOCK_M):
-                k = first + tl.arange(0, BLOCK_M)
-                k_ok = k < end
-                row = tl.load(ORDER + k, mask=k_ok, other=0)
-                toks = tl.zeros((BLOCK_M,), tl.int64) + tok
-                g, _de, _ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, toks, row % seq_len, col,
-                                                    k_ok, col_ok, stride_de, stride_wte, stride_wpe, width, scale,
-                                                    HAS_WPE, HAS_LN)
-                acc += tl.sum(tl.where(k_ok[:, None], g, 0.0), axis=0)
-            tl.store(DWTE + tok * width + col, cast_rtne(acc, DWTE.dtype.element_ty), mask=col_ok)
+    start = tl.load(STARTS + tok, mask=tok_ok, other=0)
+    count = tl.load(STARTS + tok + 1, mask=tok_ok, other=0) - start
+    many = count > 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for j in range(0, tl.max(tl.where(many, count, 0), axis=0)):
+        live = many & (j < count)
+        row = tl.load(ORDER + start + j, mask=live, other=0)
+        g, _de, _ehat = _embedding_row_grad(DE, WTE, WPE, LNW, Mean, Rstd, row, tok, row % seq_len, col, live, col_ok,
+                                            stride_de, stride_wte, stride_wpe, width, tl.cast(scale, tl.float32),
+                                            HAS_WPE, HAS_LN)
+        acc += g  # rows not live load as 0 and give 0
+    tl.store(DWTE + tok[:, None] * width + col[None, :], cast_rtne(acc, DWTE.dtype.element_ty),
+             mask=(tok_ok & (count != 1))[:, None] & col_ok[None, :])
 
 
 def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
     """What the launchers compile at these widths (embeddings of type `act`, position embeddings
-    and Embed LN on), for both backward paths."""
+    and Embed LN on)."""
     shapes = {"stride_wte": "i32", "stride_wpe": "i32", "seq_len": "i32", "width": "i32", "scale": "fp32"}
     stats = {"LNW": "*fp32", "Mean": "*fp32", "Rstd": "*fp32"}
     fwd = {"IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "LNB": "*fp32", "E": "*act", **shapes,
            "n_rows": "i32", "eps": "fp32"}
-    bwd = {"DE": "*act", "IDX": "*i64", "WTE": "*act", "WPE": "*act", **stats, "DWTE": "*fp32", "DWPE": "*fp32",
-           "DLNW": "*fp32", "DLNB": "*fp32", "stride_de": "i32", **shapes, "batch": "i32"}
-    bwd_sorted = {"DE": "*act", "SORTED": "*i64", "ORDER": "*i64", "SEG_END": "*i64", "WTE": "*act", "WPE": "*act",
-                  **stats, "DWTE": "*act", "stride_de": "i32", **shapes, "n_rows": "i32"}
+    bwd = {"DE": "*act", "IDX": "*i64", "STARTS": "*i32", "WTE": "*act", "WPE": "*act", **stats, "DWTE": "*act",
+           "DWPE": "*act", "DLNW": "*fp32", "DLNB": "*fp32", "stride_de": "i32", **shapes, "batch": "i32",
+           "n_pos": "i32"}
+    bwd_tokens = {"DE": "*act", "ORDER": "*i64", "STARTS": "*i32", "WTE": "*act", "WPE": "*act", **stats,
+                  "DWTE": "*act", "stride_de": "i32", **shapes, "vocab": "i32"}
     on = {"HAS_WPE": 1, "HAS_LN": 1}
     return [job for width in widths for job in (
         aot_config("_embedding_fwd", width, fwd, {**on, "HAS_LN_BIAS": 1}, act=act),
-        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 1}, backward=True, act=act),
-        aot_config("_embedding_bwd", width, bwd, {**on, "ATOMIC": 0}, backward=True, act=act),
-        aot_config("_embedding_bwd_sorted", width, bwd_sorted, on, backward=True, act=act))]
+        aot_config("_embedding_bwd", width, bwd, on, backward=True, act=act),
+        _tokens_warps(aot_config("_embedding_bwd_tokens", width, bwd_tokens, on, backward=True, act=act)))]
+
+
+def _tokens_warps(job: dict) -> dict:
+    # At 16 warps (width 4096) ptxas holds the token sums to 64 registers and spills on sm_80.
+    return {**job, "num_warps": min(job["num_warps"], 8)}
 
 
 def _check_ids(idx: torch.Tensor, vocab: int) -> None:
@@ -267,53 +272,39 @@ def fused_embedding_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d wte, d wpe, d ln_weight, d ln_bias); each empty where that tensor is absent.
 
-    Deterministic (sorted segment sums, no atomics) when torch's deterministic mode is on."""
+    Deterministic whatever torch's deterministic switch says: no atomics, fixed summation orders."""
     check_runnable(wte)
     batch, seq_len = idx.shape
-    n_rows, width = batch * seq_len, wte.shape[1]
+    n_rows, (vocab, width) = batch * seq_len, wte.shape
     dev = wte.device
     de2, wte2 = rows(de), rows(wte)
     wpe2 = rows(wpe) if wpe is not None else wte2
     has_wpe, has_ln = wpe is not None, ln_weight is not None
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    n_pos = wpe.shape[0] if has_wpe else seq_len
     block_m, block_n, num_warps = tile(width, backward=True)
-    pos_tiles = triton.cdiv(seq_len, block_m)
-    # Batch slices give the grid enough programs when sequences are short. Deterministic mode
-    # keeps one fp32 (seq_len, width) partial of d wpe per slice, summed below in a fixed order.
-    slices = max(1, min(batch, partial_programs(n_rows, block_m, dev) // max(pos_tiles, 1)))
-    if not has_wpe:
-        dwpe = empty(dev)
-    elif deterministic:
-        dwpe = torch.empty(slices, seq_len, width, dtype=torch.float32, device=dev)
-    else:
-        dwpe = torch.zeros(wpe.shape, dtype=torch.float32, device=dev)
-    lnw_part = (torch.empty if n_rows else torch.zeros)(pos_tiles * slices, width, dtype=torch.float32, device=dev)
-    lnb_part = torch.empty_like(lnw_part) if n_rows else torch.zeros_like(lnw_part)
-    # The atomic path accumulates in fp32; the sorted path writes each row once in wte's dtype.
-    dwte = torch.zeros(wte.shape, dtype=wte.dtype if deterministic else torch.float32, device=dev)
-    if n_rows:
-        idx = idx.contiguous()
-        lnw = ln_weight.contiguous() if has_ln else wte2
-        stats = (mean, rstd) if has_ln else (de2, de2)
-        _embedding_bwd[(pos_tiles, slices)](
-            de2, idx, wte2, wpe2, lnw, *stats, dwte, dwpe if has_wpe else de2, lnw_part, lnb_part,
-            de2.stride(0), wte2.stride(0), wpe2.stride(0), batch, seq_len, width, scale,
-            HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), ATOMIC=int(not deterministic),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        launched("fused_embedding_bwd_positions" if deterministic else "fused_embedding_bwd_atomic")
-        if deterministic:
-            sorted_ids, order = torch.sort(idx.reshape(-1).long(), stable=True)
-            seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-            _embedding_bwd_sorted[(partial_programs(n_rows, 1, dev),)](
-                de2, sorted_ids, order, seg_end, wte2, wpe2, lnw, *stats, dwte,
-                de2.stride(0), wte2.stride(0), wpe2.stride(0), n_rows, seq_len, width, scale,
-                HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-            launched("fused_embedding_bwd_sorted")
-    if has_wpe and deterministic:
-        partials, dwpe = dwpe, torch.zeros_like(wpe)
-        dwpe[:seq_len] = partials.sum(0)
-    return (dwte.to(wte.dtype), dwpe.to(wpe.dtype) if has_wpe else dwpe, sum_partials(lnw_part, ln_weight),
-            sum_partials(lnb_part, ln_bias))
+    # Every row of both outputs is written by one of the two kernels.
+    dwte = torch.empty(wte.shape, dtype=wte.dtype, device=dev)
+    dwpe = torch.empty(wpe.shape, dtype=wpe.dtype, device=dev) if has_wpe else empty(dev)
+    programs = max(1, min(triton.cdiv(n_pos, block_m), partial_programs(n_rows, block_m, dev)))
+    lnw_part = torch.empty(programs, width, dtype=torch.float32, device=dev)
+    lnb_part = torch.empty_like(lnw_part)
+    ids = idx.reshape(-1).long()
+    order = torch.sort(ids, stable=True)
+    starts = torch.searchsorted(order.values, torch.arange(vocab + 1, device=dev), out_int32=True)
+    lnw = ln_weight.contiguous() if has_ln else wte2
+    stats = (mean, rstd) if has_ln else (de2, de2)
+    _embedding_bwd[(programs,)](
+        de2, ids, starts, wte2, wpe2, lnw, *stats, dwte, dwpe if has_wpe else dwte, lnw_part, lnb_part,
+        de2.stride(0), wte2.stride(0), wpe2.stride(0), batch, seq_len, n_pos, width, scale,
+        HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    if vocab:
+        _embedding_bwd_tokens[(triton.cdiv(vocab, block_m),)](
+            de2, order.indices, starts, wte2, wpe2, lnw, *stats, dwte,
+            de2.stride(0), wte2.stride(0), wpe2.stride(0), vocab, seq_len, width, scale,
+            HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=_tokens_warps({"num_warps": num_warps})["num_warps"])
+    launched("fused_embedding_bwd")
+    return dwte, dwpe, sum_partials(lnw_part, ln_weight), sum_partials(lnb_part, ln_bias)
 
 
 @fused_embedding_bwd.register_fake

@@ -3,8 +3,13 @@
 import os
 import tempfile
 
-# Must precede any import of triton: kernels then run on CPU tensors in numpy.
-os.environ["TRITON_INTERPRET"] = "1"
+# STABLEBLOCKS_TEST_DEVICE=cuda runs the same tests on CUDA tensors with compiled kernels
+# (python -m benchmarks.gpu_check); otherwise, before any import of triton, the interpreter.
+DEVICE = os.environ.get("STABLEBLOCKS_TEST_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"STABLEBLOCKS_TEST_DEVICE={DEVICE!r}: expected 'cpu' or 'cuda'")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 # A fresh Inductor cache per run: its FX-graph cache does not see a changed custom-op schema.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="stableblocks-inductor-"))
 
@@ -12,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import stableblocks  # noqa: E402
+from _device import on_device  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +25,8 @@ def reference_backend():
     """Model, training and integration tests run at reference speed; kernel tests opt in."""
     stableblocks.set_backend("reference")
     torch.manual_seed(0)
-    yield
+    with on_device(DEVICE):
+        yield
     stableblocks.set_backend("reference")
 
 

@@ -116,6 +116,55 @@ def test_wesar_init():
     assert id(model.lm_head.weight) in {id(p) for p in decay["params"]}
 
 
+def _gated_grads(lin, x, dy, materialise: bool):
+    """Output and gradients (x, W, gate, bias) of a gated StableLinear, or of F.linear over the
+    materialised gate * W (the plain formula autograd differentiates)."""
+    params = [x, lin.weight, lin.gate, lin.bias]
+    if materialise:
+        rows = lin.gate.repeat_interleave(lin.out_features // lin.gate.numel()).unsqueeze(1)
+        y = F.linear(x, lin.weight * rows, lin.bias)
+    else:
+        y = lin(x)
+    return (y, *torch.autograd.grad(y, params, dy))
+
+
+@pytest.mark.parametrize("gates", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, "autocast-bf16"])
+def test_gated_linear_matches_the_materialised_formula(gates, dtype):
+    lin = sb.modules.StableLinear(24, 3 * 8, gates=gates)
+    with torch.no_grad():
+        lin.gate.copy_(torch.tensor([0.5, 3.0, -2.0][:gates]))
+    autocast = dtype == "autocast-bf16"
+    if not autocast:
+        lin = lin.to(dtype)
+    x = torch.randn(2, 5, 24, dtype=lin.weight.dtype).transpose(0, 1).requires_grad_()  # non-contiguous
+    dy = torch.randn(5, 2, 24, dtype=torch.bfloat16 if autocast else lin.weight.dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = _gated_grads(lin, x, dy, materialise=False)
+        want = _gated_grads(lin, x, dy, materialise=True)
+    for name, g, w in zip(("y", "dx", "dW", "dgate", "dbias"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        # The gate's gradient sums its slice in another order: float rounding only.
+        torch.testing.assert_close(g, w, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-12 if dtype == torch.float64 else 1e-5, msg=name)
+
+
+def test_gated_linear_saves_no_gated_weight():
+    lin = sb.modules.StableLinear(64, 3 * 64, gates=3)
+    x = torch.randn(4, 64, requires_grad=True)
+    params = {p.untyped_storage()._cdata for p in lin.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lin(x).sum().backward()
+    assert sum(saved.values()) == x.numel() * x.element_size()  # the input only
+    assert lin.gate.grad is not None and lin.weight.grad is not None
+
+
 def test_fold_wesar_gates_keeps_the_function():
     model = sb.StableGPT(sb.recipe("wesar", **TINY)).eval()
     idx = torch.randint(0, 64, (2, 16))
@@ -274,3 +323,19 @@ def test_backend_using_restores_the_previous_backend():
             assert sb.get_backend() == "reference"
             raise RuntimeError("inside")
     assert sb.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["qk-norm", "qkv-norm", "qk-norm-cap"])
+def test_attention_reference_path_matches_the_op_on_the_projection_views(name):
+    """StableAttention hands the reference contiguous copies of the normed q, k (v) on CPU: the
+    same values, so the same outputs and gradients as the op on the strided views, bit for bit."""
+    attn = sb.modules.StableAttention(sb.recipe(name, **TINY))
+    x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
+    dy = torch.randn(2, 9, TINY["n_embd"])
+    params = [x, *attn.parameters()]
+    got = torch.autograd.grad(attn(x), params, dy)
+    q, k, v = attn.qkv(x)
+    y = sb.kernels.fused_attention(q, k, v, softcap=attn.softcap, eps=attn.eps, **attn.norms())
+    want = torch.autograd.grad(attn.c_proj(y.flatten(2)), params, dy)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -1,0 +1,234 @@
+"""Check and time every kernel on a CUDA GPU, in one command:
+
+    python -m benchmarks.gpu_check            # everything; results in benchmarks/results/gpu/
+    python -m benchmarks.gpu_check --quick    # the short version, into runs/benchmarks/gpu_check
+
+On a CUDA machine, in order (each step recorded, a failing step does not stop the next):
+1. tests: the kernel test suites (tests/test_kernels_ln_family.py, test_kernels_fused_attention.py,
+   test_kernels_fused_linear_cross_entropy.py, test_model_triton.py) in a child process with STABLEBLOCKS_TEST_DEVICE=cuda and without
+   TRITON_INTERPRET: the same test functions on CUDA tensors with compiled kernels, the tests only a
+   GPU can run among them (gradients that repeat bitwise from run to run: the LayerNorm family and
+   the embedding backward, the attention weight gradients). --quick leaves out the slow ones.
+2. equivalence: StableGPT on the Triton kernels against the reference backend under bf16 autocast,
+   per recipe: the loss, and every gradient judged against the largest one.
+3. microbench: benchmarks.microbench on CUDA: triton.testing.do_bench times of every kernel against
+   eager PyTorch, torch.compile, SDPA and FlexAttention (soft-cap as a score_mod), and flash-attn
+   (softcap) and Liger's LayerNorm when installed.
+4. memory: peak torch.cuda.max_memory_allocated over one training step (forward, backward, AdamW)
+   of StableGPT per recipe, with each backend.
+
+Written: gpu_check.json (device, versions, every step's result), tests-*.xml (JUnit, one per
+suite) and microbench.csv. Only a full run writes to benchmarks/results/gpu/, the folder the results page's
+measured columns read. Exit status 0 when every step passed, 1 otherwise; without a CUDA GPU it
+says so, writes nothing and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from . import results
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RESULTS = results.RESULTS / "gpu"
+TEST_FILES = ("tests/test_kernels_ln_family.py", "tests/test_kernels_fused_attention.py",
+              "tests/test_kernels_fused_linear_cross_entropy.py", "tests/test_model_triton.py")
+# Tests of what only the CPU path does, in suites that do not skip them on CUDA themselves: an
+# out-of-range target there is a device assert, which would end the child's CUDA context.
+CPU_ONLY = ("tests/test_kernels_fused_linear_cross_entropy.py::test_bad_input_is_a_clear_error",)
+QUICK_RECIPES = ("gpt2", "stable", "qk-norm-cap", "qkv-norm")
+# Full microbenchmark sweep: GPT-2 small's shape (the results page's projection) and wider ones.
+FULL_SWEEP = ["--T", "1024", "4096", "--d", "768", "1024", "--D", "64", "128"]
+# One step of a GPT-2 small-sized model for the memory step.
+MEMORY_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+MEMORY_BATCH = 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fast tests only, four recipes, one shape per op (about 2 minutes)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/gpu for a full run, "
+                                            "runs/benchmarks/gpu_check for a quick or partial one)")
+    p.add_argument("--steps", nargs="+", choices=("tests", "equivalence", "microbench", "memory"),
+                   default=["tests", "equivalence", "microbench", "memory"], help="run only these steps")
+    args = p.parse_args(argv)
+    args.out = results.output_folder(p, GPU_RESULTS, args.out, args.quick or len(set(args.steps)) < 4, "gpu_check")
+    return args
+
+
+def is_full(data: dict) -> bool:
+    """A full run: every step, not --quick (only those feed the results page)."""
+    return not data.get("quick", True) and set(data.get("steps", {})) == {"tests", "equivalence", "microbench", "memory"}
+
+
+def measured_rows(folder: Path = GPU_RESULTS) -> tuple[list[dict], dict]:
+    """(microbench rows, gpu_check.json) of the full run stored in `folder`; ([], {}) if none."""
+    path = folder / "gpu_check.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if not is_full(data):
+        return [], {}
+    return results.read(folder / "microbench.csv"), data
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a crash mid-write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def junit_summary(path: Path) -> dict:
+    """{passed, failed, skipped, failures: [test ids]} from a pytest JUnit XML file."""
+    out = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    if not path.exists():
+        return out
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            out["failed"] += 1
+            out["failures"].append(name)
+        elif case.find("skipped") is not None:
+            out["skipped"] += 1
+        else:
+            out["passed"] += 1
+    return out
+
+
+def child_env() -> dict:
+    """The environment of a child that runs compiled kernels: never the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["STABLEBLOCKS_TEST_DEVICE"] = "cuda"
+    return env
+
+
+def run_tests(out: Path, quick: bool) -> dict:
+    """Each suite in its own child: a device assert ends a process's CUDA context, and with it
+    every later test in that process."""
+    t0 = time.perf_counter()
+    total = {"ok": True, "passed": 0, "failed": 0, "skipped": 0, "failures": [], "files": {}}
+    for path in TEST_FILES:
+        xml = out / f"tests-{Path(path).stem}.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", path,
+               "-m", "not slow" if quick else "slow or not slow", *(f"--deselect={t}" for t in CPU_ONLY)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+        summary = junit_summary(xml)
+        total["files"][path] = {"returncode": proc.returncode, **summary,
+                                "tail": "" if proc.returncode == 0 else proc.stdout[-3000:] + proc.stderr[-2000:]}
+        total["ok"] &= proc.returncode == 0
+        for key in ("passed", "failed", "skipped", "failures"):
+            total[key] += summary[key]
+    total["seconds"] = time.perf_counter() - t0
+    return total
+
+
+def run_microbench(out: Path, quick: bool) -> dict:
+    csv = out / "microbench.csv"
+    cmd = [sys.executable, "-m", "benchmarks.microbench", "--device", "cuda", "--csv", str(csv), "--no-report",
+           *(["--quick"] if quick else FULL_SWEEP)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    rows = results.read(csv)
+    errors = [f"{r['op']} {r['provider']} {r['mode']} {r['shape']}: {r['note']}" for r in rows
+              if r["metric"] == "time" and r["note"].startswith("error")]
+    return {"ok": proc.returncode == 0 and not errors, "returncode": proc.returncode,
+            "seconds": time.perf_counter() - t0, "rows": len(rows), "errors": errors,
+            "tail": proc.stderr[-2000:] if proc.returncode else ""}
+
+
+def _train_step(recipe: str, which: str, shape: dict, batch: int, seed: int = 0):
+    """One autocast training step on CUDA -> (loss, {name: grad}, peak bytes of the step)."""
+    import stableblocks as sb
+    from stableblocks.kernels import backend
+
+    torch.manual_seed(seed)
+    with backend.using(which):
+        model = sb.StableGPT(sb.recipe(recipe, **shape)).cuda()
+        opt = model.configure_optimizers(0.1, 1e-3)
+        gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+        x = torch.randint(0, shape["vocab_size"], (batch, shape["block_size"]), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, torch.roll(x, -1, 1))
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    return loss.item(), grads, peak
+
+
+def run_equivalence(recipes) -> dict:
+    """Triton against the reference under bf16 autocast: loss within 2%, every gradient within 5%
+    of the largest (the bf16 noise of two different summation orders)."""
+    shape = dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=512)
+    out = {"ok": True, "recipes": {}}
+    for recipe in recipes:
+        ref_loss, ref_grads, _ = _train_step(recipe, "reference", shape, 4)
+        loss, grads, _ = _train_step(recipe, "triton", shape, 4)
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        worst = max(((g.float() - ref_grads[n].float()).abs().max().item() / scale, n) for n, g in grads.items())
+        ok = abs(loss - ref_loss) <= 0.02 * abs(ref_loss) and worst[0] <= 0.05 and grads.keys() == ref_grads.keys()
+        out["recipes"][recipe] = {"ok": ok, "loss": loss, "reference_loss": ref_loss, "worst_grad": worst[1],
+                                  "worst_grad_error_vs_largest": worst[0]}
+        out["ok"] &= ok
+    return out
+
+
+def run_memory(recipes) -> dict:
+    out = {"ok": True, "shape": {**MEMORY_SHAPE, "batch_size": MEMORY_BATCH}, "peak_bytes": {}}
+    for recipe in recipes:
+        for which in ("reference", "triton"):
+            try:
+                _, _, peak = _train_step(recipe, which, MEMORY_SHAPE, MEMORY_BATCH)
+            except torch.OutOfMemoryError:
+                peak = None
+                out["ok"] = False
+            out["peak_bytes"][f"{recipe}:{which}"] = peak
+            torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU found; nothing was run and nothing was written.")
+        return 0
+    import stableblocks as sb
+
+    recipes = QUICK_RECIPES if args.quick else tuple(sb.recipes())
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"device": results.device_name("cuda"), "versions": results.versions(), "timestamp": results.now(),
+            "quick": args.quick, "steps": {}}
+    steps = {"tests": lambda: run_tests(out, args.quick), "equivalence": lambda: run_equivalence(recipes),
+             "microbench": lambda: run_microbench(out, args.quick), "memory": lambda: run_memory(recipes)}
+    for name in args.steps:
+        print(f"gpu_check: {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            data["steps"][name] = steps[name]()
+        except Exception as exc:  # recorded; the other steps still run
+            data["steps"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        data["steps"][name].setdefault("seconds", time.perf_counter() - t0)
+        write_json(out / "gpu_check.json", data)
+        print(f"gpu_check: {name}: {'ok' if data['steps'][name]['ok'] else 'FAILED'} "
+              f"({data['steps'][name]['seconds']:.0f} s)", flush=True)
+    print(f"gpu_check: results in {out}")
+    return 0 if all(s["ok"] for s in data["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
