@@ -12,8 +12,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LN_MAX_WIDTH = 4096
 
 
-# Head widths the attention kernel takes.
-ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+# Head widths the attention kernel takes (FlashAttention-2's range), and the widest it takes in
+# float32, whose 3xTF32 matmuls hold every operand twice.
+ATTENTION_HEAD_DIMS = tuple(range(16, 257, 8))
+ATTENTION_FP32_MAX_HEAD_DIM = 128
 
 
 def kernel_limits(name: str, t: torch.Tensor, max_width: int = LN_MAX_WIDTH) -> str | None:
@@ -34,8 +36,10 @@ def attention_limits(q: torch.Tensor) -> str | None:
         return f"q: dtype {q.dtype} is not supported by the Triton kernel; expected float32, bfloat16 or float16"
     D = q.shape[-1]
     if D not in ATTENTION_HEAD_DIMS:
-        return (f"q: head width D={D} is not supported by the Triton kernel; supported head widths: "
-                f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}")
+        return f"q: head width D={D} is not supported by the Triton kernel; it takes multiples of 8 from 16 to 256"
+    if q.dtype == torch.float32 and D > ATTENTION_FP32_MAX_HEAD_DIM:
+        return (f"q: head width D={D} in float32 is not supported by the Triton kernel (float32 up to "
+                f"{ATTENTION_FP32_MAX_HEAD_DIM}; bfloat16 and float16 up to 256)")
     return None
 
 

@@ -66,7 +66,7 @@ def _add_norm_fwd(
 
 @triton.jit
 def _add_norm_bwd(
-    DY,  # *(n_rows, width) gradient of y, unit column stride; ignored unless HAS_DY
+    DY,  # *(n_rows, width) gradient of y, unit column stride
     DN,  # *(n_rows, width) gradient of n, unit column stride; ignored unless HAS_NEXT
     Z,  # *(n_rows, width) the forward's z; ignored unless HAS_POST
     Y,  # *(n_rows, width) the forward's y, contiguous; ignored unless HAS_NEXT
@@ -82,7 +82,6 @@ def _add_norm_bwd(
     stride_z,
     n_rows,
     width,
-    HAS_DY: tl.constexpr,
     HAS_POST: tl.constexpr,
     HAS_NEXT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -104,9 +103,7 @@ def _add_norm_bwd(
         row_ok = row < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
         row = row.to(tl.int64)
-        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if HAS_DY:
-            g += tl.load(DY + row[:, None] * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(DY + row[:, None] * stride_dy + col[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_NEXT:
             dn = tl.load(DN + row[:, None] * stride_dn + col[None, :], mask=ok, other=0.0).to(tl.float32)
             y = tl.load(Y + row[:, None] * width + col[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -146,7 +143,7 @@ def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
     on = {"HAS_POST": 1, "HAS_NEXT": 1}
     return [job for width in widths for job in (
         aot_config("_add_norm_fwd", width, fwd, {**on, "HAS_POST_BIAS": 1, "HAS_NEXT_BIAS": 1}, act=act),
-        aot_config("_add_norm_bwd", width, bwd, {"HAS_DY": 1, **on}, backward=True, act=act))]
+        aot_config("_add_norm_bwd", width, bwd, on, backward=True, act=act))]
 
 
 # ---- torch.library ops ----
@@ -195,7 +192,7 @@ def _(x, z, weight, bias, next_weight, next_bias, eps):
 
 @torch.library.custom_op("stableblocks::fused_add_norm_bwd", mutates_args=())
 def fused_add_norm_bwd(
-    dy: Optional[torch.Tensor], dn: Optional[torch.Tensor], z: Optional[torch.Tensor], y: torch.Tensor,
+    dy: torch.Tensor, dn: Optional[torch.Tensor], z: Optional[torch.Tensor], y: torch.Tensor,
     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], next_weight: Optional[torch.Tensor],
     next_bias: Optional[torch.Tensor], mean_z: torch.Tensor, rstd_z: torch.Tensor, mean_y: torch.Tensor,
     rstd_y: torch.Tensor, x_dtype: torch.dtype,
@@ -218,14 +215,14 @@ def fused_add_norm_bwd(
     parts = [(torch.empty if n_rows else torch.zeros)(programs, width, dtype=torch.float32, device=dev)
              for _ in range(4)]
     if n_rows:
-        dy2 = rows(dy) if dy is not None else dx
+        dy2 = rows(dy)
         dn2 = rows(dn) if dn is not None else dx
         z2 = rows(z) if z is not None else dx
         _add_norm_bwd[(programs,)](
             dy2, dn2, z2, y, *(dx if t is None else t.contiguous() for t in (weight, next_weight)),
             *(s if s.numel() else dx for s in (mean_z, rstd_z, mean_y, rstd_y)), dx, dz if dz.numel() else dx,
             *parts, dy2.stride(0), dn2.stride(0), z2.stride(0), n_rows, width,
-            HAS_DY=int(dy is not None), HAS_POST=int(weight is not None), HAS_NEXT=int(next_weight is not None),
+            HAS_POST=int(weight is not None), HAS_NEXT=int(next_weight is not None),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         launched("fused_add_norm_bwd")
     return (dx, dz, sum_partials(parts[0], weight), sum_partials(parts[1], bias),

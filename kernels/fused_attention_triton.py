@@ -7,11 +7,14 @@ FlashAttention-2's algorithm with three additions inside the tiles:
 - in backward, the cap's derivative `1 - t^2` (t recomputed) and the LayerNorm backward to the raw
   q, k, v, with the weight/bias gradients as fp32 partial sums per program summed in a fixed order.
 
-Forward saves only q, k, v (raw, pre-norm), o (in fp32) and one fp32 log-sum-exp per row: O(T)
+Forward saves only q, k, v (raw, pre-norm), o with an fp16 residual of its rounding (none for fp32)
+and one fp32 log-sum-exp per row: O(T)
 memory.
 
-Layering: kernels -> launchers (block sizes, grid) -> torch.library ops with autograd -> the
-public `fused_attention`, which kernels/fused_attention.py calls after validating its arguments.
+Layers, as in every kernel file: kernels -> launchers (block sizes) -> torch.library ops
+(`fused_attention_fwd`, `fused_attention_bwd`, each launching its kernels) with the autograd rule
+(`_setup_context`, `_backward`) -> `fused_attention()`, which kernels/fused_attention.py calls after
+validating its arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .checks import ATTENTION_HEAD_DIMS as HEAD_DIMS
+from .checks import ATTENTION_HEAD_DIMS as HEAD_DIMS  # noqa: F401  (the widths it takes)
+from .ln_common import check_runnable, launched, normalize, normalize_backward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +80,16 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _lanes(offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which lanes of a BLOCK_D-wide tile hold data; a constant when D is a power of two, so the
+    masks and selects on lanes fold away there."""
+    if D == BLOCK_D:
+        return tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        return offs_d < D
+
+
+@triton.jit
 def _safe_eps(eps, row_ok):
     """eps for rows of data; 1 for rows outside the sequence (loaded as zeros, so zero variance),
     which with eps = 0 would otherwise normalise 0 * inf = NaN into the tiles' matmuls."""
@@ -83,40 +97,30 @@ def _safe_eps(eps, row_ok):
 
 
 @triton.jit
-def _normed(x, W, B, offs_d, row_ok, eps, D: tl.constexpr, NORM: tl.constexpr):
-    """LayerNorm over the rows of an fp32 (rows, D) tile when NORM, else the tile itself.
-
-    D is a power of two, so no padded lanes enter the mean or variance.
-    """
+def _normed(x, W, B, offs_d, d_ok, row_ok, eps, D: tl.constexpr, NORM: tl.constexpr):
+    """LayerNorm over the rows of an fp32 (rows, BLOCK_D) tile when NORM, else the tile itself.
+    Lanes past D (a width that is not a power of two) hold 0 in and out and stay out of the
+    statistics (ln_common.normalize)."""
     if NORM:
-        mean = tl.sum(x, axis=1) / D
-        xc = x - mean[:, None]
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
-        w = tl.load(W + offs_d).to(tl.float32)
-        b = tl.load(B + offs_d).to(tl.float32)
-        return xc * rstd[:, None] * w[None, :] + b[None, :]
+        _, _, xhat = normalize(x, d_ok, D, _safe_eps(eps, row_ok))
+        w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        b = tl.load(B + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        return xhat * w[None, :] + b[None, :]
     else:
         return x
 
 
 @triton.jit
-def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, row_ok, eps, D: tl.constexpr):
-    """LayerNorm backward for fp32 (rows, D) tiles: returns dx, and stores this tile's fp32 partial
-    sums of dweight and dbias at row `row` of DNORM ((2, n_rows, D): dweight rows, then dbias rows).
-
-    Rows outside the sequence must come in with dy = 0 and x = 0 so they add nothing to the sums.
-    """
-    mean = tl.sum(x, axis=1) / D
-    xc = x - mean[:, None]
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + _safe_eps(eps, row_ok))
-    xhat = xc * rstd[:, None]
-    wdy = dy * tl.load(W + offs_d).to(tl.float32)[None, :]
-    c1 = tl.sum(xhat * wdy, axis=1) / D
-    c2 = tl.sum(wdy, axis=1) / D
+def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, d_ok, row_ok, eps, D: tl.constexpr):
+    """LayerNorm backward for fp32 (rows, BLOCK_D) tiles: returns dx, and stores this tile's fp32
+    partial sums of dweight and dbias at row `row` of DNORM ((2, n_rows, D): dweight rows, then
+    dbias rows). Rows outside the sequence come in with dy = 0 and x = 0: they add nothing."""
+    _, rstd, xhat = normalize(x, d_ok, D, _safe_eps(eps, row_ok))
+    w = tl.load(W + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     row = row.to(tl.int64)
-    tl.store(DNORM + row * D + offs_d, tl.sum(dy * xhat, axis=0))
-    tl.store(DNORM + (n_rows + row) * D + offs_d, tl.sum(dy, axis=0))
-    return (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DNORM + row * D + offs_d, tl.sum(dy * xhat, axis=0), mask=d_ok)
+    tl.store(DNORM + (n_rows + row) * D + offs_d, tl.sum(dy, axis=0), mask=d_ok)
+    return normalize_backward(dy * w[None, :], xhat, rstd, d_ok, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,14 +128,14 @@ def _norm_backward(dy, x, W, DNORM, row, n_rows, offs_d, row_ok, eps, D: tl.cons
 
 
 @triton.jit
-def _attn_fwd_tiles(
+def _attention_fwd_tiles(
     acc, l_i, m_i,  # running output (fp32), softmax denominator and row max (log2 units)
     qk_max,  # running row max of the raw q.k (only kept with MAX_LOGIT and SOFTCAP)
     q,  # (BLOCK_M, D) normalised Q tile in the input dtype
     K, V,  # K and V at this (batch, head)
     KW, KB, VW, VB,  # (D,) norm weight/bias of k and v
     stride_kt, stride_vt,  # row (time) strides of k and v
-    offs_m, offs_d,  # query row indices, head-width lanes
+    offs_m, offs_d, d_ok,  # query row indices, head-width lanes and which of them are < D
     lo, hi,  # key range of this call, lo a multiple of BLOCK_N
     T, scale, softcap, eps,
     D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -143,8 +147,8 @@ def _attn_fwd_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(q.dtype)
         qk = _dot(q, tl.trans(k), None, DOT_UPCAST)
         s, _ = _logits(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -160,19 +164,19 @@ def _attn_fwd_tiles(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(q.dtype)
         acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
         m_i = m_new
     return acc, l_i, m_i, qk_max
 
 
 @triton.jit
-def _attn_fwd(
+def _attention_fwd(
     Q, K, V,  # (B, T, H, D) raw inputs, last dimension contiguous
     QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
     O,  # (B, T, H, D) output
-    O32,  # (B, T, H, D) fp32 output, unrounded, for the backward (strides of O)
+    O_RES,  # (B, T, H, D) fp16: o minus o rounded to O's dtype, for the backward (strides of O); with RESIDUAL
     LSE,  # (B, H, T) fp32: log2 of each row's softmax denominator, for the backward
     MAXLOGIT,  # (programs,) fp32: each program's max raw logit, written only with MAX_LOGIT
     stride_qb, stride_qt, stride_qh,
@@ -181,11 +185,13 @@ def _attn_fwd(
     stride_ob, stride_ot, stride_oh,
     T, H,  # sequence length, heads
     scale, softcap, eps,  # logit scale, soft-cap (unused unless SOFTCAP), LayerNorm eps
-    D: tl.constexpr,  # head width: 16, 32, 64 or 128
+    D: tl.constexpr,  # head width: a multiple of 8 from 16 to 256
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two: the tiles' width
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
     MAX_LOGIT: tl.constexpr,  # 1: also write the max raw logit over this program's visible scores
+    RESIDUAL: tl.constexpr,  # 1 when O is bf16/fp16: store what its rounding lost
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     # One program per (batch * head, query block) on a 1-D grid: no 65535 limit on B * H.
@@ -200,15 +206,16 @@ def _attn_fwd(
     eps = tl.cast(eps, tl.float32)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _lanes(offs_d, D, BLOCK_D)
     row_in_seq = offs_m < T
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
+                mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # Key tiles before `full_end` are visible to every row of this block and inside the sequence;
     # the rest (the diagonal, the sequence's end) are masked.
@@ -220,11 +227,11 @@ def _attn_fwd(
         full_end = (T // BLOCK_N) * BLOCK_N
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                            offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+    acc, l_i, m_i, qk_max = _attention_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, d_ok, 0, full_end, T, scale, softcap, eps,
                                             D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, MAX_LOGIT, DOT_UPCAST)
-    acc, l_i, m_i, qk_max = _attn_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                                            offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+    acc, l_i, m_i, qk_max = _attention_fwd_tiles(acc, l_i, m_i, qk_max, q, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                            offs_m, offs_d, d_ok, full_end, hi, T, scale, softcap, eps,
                                             D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, MAX_LOGIT, DOT_UPCAST)
     if MAX_LOGIT:
         # The raw scaled logit before any cap (scale > 0, so the max commutes with it). Without a
@@ -236,8 +243,10 @@ def _attn_fwd(
         tl.store(MAXLOGIT + pid, tl.max(tl.where(row_in_seq, row_max, float("-inf")), axis=0))
     o = acc / l_i[:, None]
     o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=row_in_seq[:, None])
-    tl.store(O32 + o_offs, o, mask=row_in_seq[:, None])
+    o_out = o.to(O.dtype.element_ty)
+    tl.store(O + o_offs, o_out, mask=row_in_seq[:, None] & d_ok[None, :])
+    if RESIDUAL:
+        tl.store(O_RES + o_offs, (o - o_out.to(tl.float32)).to(tl.float16), mask=row_in_seq[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_in_seq)
 
 
@@ -246,13 +255,13 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_dkdv_tiles(
+def _attention_bwd_dkdv_tiles(
     dk, dv,  # (BLOCK_N, D) fp32 accumulators for the normalised k and v
     k, v,  # (BLOCK_N, D) normalised K and V tiles in the input dtype
     Q, DO, LSE, DELTA,  # q, do at this (batch, head); LSE and DELTA at this row of (B * H, T)
     QW, QB,  # (D,) norm weight/bias of q
     stride_qt, stride_dot,
-    offs_n, offs_d,  # key row indices, head-width lanes
+    offs_n, offs_d, d_ok,  # key row indices, head-width lanes and which of them are < D
     lo, hi,  # query range of this call, lo a multiple of BLOCK_M
     T, scale, softcap, eps,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -264,9 +273,9 @@ def _attn_bwd_dkdv_tiles(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in_seq = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
-        q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(k.dtype)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None], other=0.0)
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+        q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(k.dtype)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
         delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
         # Transposed scores (keys x queries), so dk and dv accumulate row by row.
@@ -287,9 +296,9 @@ def _attn_bwd_dkdv_tiles(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _attention_bwd_dkdv(
     Q, K, V, DO,  # (B, T, H, D) raw inputs and the output's gradient, last dimension contiguous
-    LSE, DELTA,  # (B, H, T) fp32 from the forward and from _attn_bwd_dq
+    LSE, DELTA,  # (B, H, T) fp32 from the forward and from _attention_bwd_dq
     QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
     DK, DV,  # (B, T, H, D) gradients of the raw k and v
     DNORM_K, DNORM_V,  # (2, programs, D) fp32 partial sums of k's and v's dweight, dbias
@@ -300,7 +309,7 @@ def _attn_bwd_dkdv(
     stride_gb, stride_gt, stride_gh,  # strides of DK and DV (both contiguous)
     T, H,
     scale, softcap, eps,
-    D: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per tile, keys per program
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
@@ -318,16 +327,17 @@ def _attn_bwd_dkdv(
     eps = tl.cast(eps, tl.float32)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _lanes(offs_d, D, BLOCK_D)
     key_in_seq = offs_n < T
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0)
-    k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(K.dtype.element_ty)
-    v = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0)
-    v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(V.dtype.element_ty)
+    k = tl.load(k_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+    k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(K.dtype.element_ty)
+    v = tl.load(v_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+    v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(V.dtype.element_ty)
 
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -347,39 +357,39 @@ def _attn_bwd_dkdv(
         full_end = t_pad
     else:
         full_end = mid
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, lo, mid, T, scale, softcap, eps,
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, d_ok, lo, mid, T, scale, softcap, eps,
                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
-    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, mid, full_end, T, scale, softcap, eps,
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, d_ok, mid, full_end, T, scale, softcap, eps,
                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 0, DOT_UPCAST)
-    dk, dv = _attn_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, full_end, t_pad, T, scale, softcap, eps,
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                  offs_n, offs_d, d_ok, full_end, t_pad, T, scale, softcap, eps,
                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
     dk = tl.where(key_in_seq[:, None], dk * scale, 0.0)
     dv = tl.where(key_in_seq[:, None], dv, 0.0)
     if K_NORM:
-        k_raw = tl.load(k_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
+        k_raw = tl.load(k_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        dk = _norm_backward(dk, k_raw, KW, DNORM_K, pid, tl.num_programs(0), offs_d, d_ok, key_in_seq, eps, D)
     if V_NORM:
-        v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None], other=0.0).to(tl.float32)
-        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, key_in_seq, eps, D)
+        v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, d_ok, key_in_seq, eps, D)
     g_offs = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None])
-    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None])
+    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None] & d_ok[None, :])
+    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _attn_bwd_dq_tiles(
+def _attention_bwd_dq_tiles(
     dq,  # (BLOCK_M, D) fp32 accumulator for the normalised q
     q, do,  # (BLOCK_M, D) normalised Q tile and its rows of do, in the input dtype
     lse, delta,  # (BLOCK_M,) fp32 rows of LSE and DELTA
     K, V,  # K and V at this (batch, head)
     KW, KB, VW, VB,
     stride_kt, stride_vt,
-    offs_m, offs_d,
+    offs_m, offs_d, d_ok,
     lo, hi,  # key range of this call, lo a multiple of BLOCK_N
     T, scale, softcap, eps,
     D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -390,10 +400,10 @@ def _attn_bwd_dq_tiles(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, key_in_seq, eps, D, K_NORM).to(q.dtype)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, key_in_seq, eps, D, V_NORM).to(q.dtype)
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(q.dtype)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(q.dtype)
         s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -410,11 +420,11 @@ def _attn_bwd_dq_tiles(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _attention_bwd_dq(
     Q, K, V, DO,  # (B, T, H, D) raw inputs and the output's gradient, last dimension contiguous
-    O32,  # (B, T, H, D) fp32 output from the forward
+    O, O_RES,  # (B, T, H, D) output of the forward and its fp16 rounding residual (with RESIDUAL)
     LSE,  # (B, H, T) fp32 from the forward
-    DELTA,  # (B, H, T) fp32 out: rowsum(o * do), the softmax backward's per-row term, for _attn_bwd_dkdv
+    DELTA,  # (B, H, T) fp32 out: rowsum(o * do), the softmax backward's per-row term, for _attention_bwd_dkdv
     QW, QB, KW, KB, VW, VB,  # (D,) LayerNorm weight and bias of q, k, v (unused when the norm is off)
     DQ,  # (B, T, H, D) gradient of the raw q
     DNORM_Q,  # (2, programs, D) fp32 partial sums of q's dweight, dbias
@@ -426,10 +436,11 @@ def _attn_bwd_dq(
     stride_gb, stride_gt, stride_gh,  # strides of DQ (contiguous)
     T, H,
     scale, softcap, eps,
-    D: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per tile
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,  # 1 when O is bf16/fp16 (see _attention_fwd)
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     n_blocks = tl.cdiv(T, BLOCK_M)
@@ -443,17 +454,21 @@ def _attn_bwd_dq(
     eps = tl.cast(eps, tl.float32)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _lanes(offs_d, D, BLOCK_D)
     row_in_seq = offs_m < T
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = tl.load(q_ptrs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+    q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_in_seq[:, None], other=0.0)
-    # delta from the unrounded o: for a near one-hot row, dp - delta must cancel as exactly as
-    # PyTorch's softmax backward does; o rounded to bf16 leaves a residue the norm weights amplify.
-    o = tl.load(O32 + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=row_in_seq[:, None], other=0.0)
+                 mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+    # delta from o as computed, not rounded: for a near one-hot row, dp - delta must cancel as
+    # exactly as PyTorch's softmax backward does; o rounded to bf16 leaves a residue the norm
+    # weights amplify. o + its fp16 residual holds ~19 of fp32's 24 bits, at half fp32's bytes.
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o = tl.load(O + o_offs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if RESIDUAL:
+        o += tl.load(O_RES + o_offs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     delta = tl.sum(o * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=row_in_seq)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
@@ -466,19 +481,19 @@ def _attn_bwd_dq(
         full_end = (T // BLOCK_N) * BLOCK_N
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _attn_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                            offs_m, offs_d, 0, full_end, T, scale, softcap, eps,
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                            offs_m, offs_d, d_ok, 0, full_end, T, scale, softcap, eps,
                             D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
-    dq = _attn_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                            offs_m, offs_d, full_end, hi, T, scale, softcap, eps,
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                            offs_m, offs_d, d_ok, full_end, hi, T, scale, softcap, eps,
                             D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
     dq = tl.where(row_in_seq[:, None], dq * scale, 0.0)
     if Q_NORM:
-        q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None], other=0.0).to(tl.float32)
-        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, row_in_seq, eps, D)
+        q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, d_ok, row_in_seq, eps, D)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None])
+             dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,34 +501,46 @@ def _attn_bwd_dq(
 
 
 def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
-    """Fixed tile shapes, warps and stages per kernel for a GPU of compute capability `arch` (80 for
-    sm_80, 90 for sm_90a), or for the interpreter when `arch` is None. No autotuning: deterministic,
-    and what tests/test_kernels_fused_attention.py compiles ahead of time (bf16 and fp32 on sm_80 and
-    sm_90a, with every option on and with none: tensor-core matmuls and 0 spill bytes, except fp32 dq
-    at D = 128 on sm_90a with every option on: 8 bytes; fp16 compiles as bf16). fp32 at D <= 64 uses
-    78-228 registers, at D = 128 168-255.
+    """Fixed tile shapes, warps and stages per kernel for head width D on a GPU of compute
+    capability `arch` (80 for sm_80, 90 for sm_90a), or for the interpreter when `arch` is None.
+    Chosen by the tile width BLOCK_D (D rounded up to a power of two; the lanes past D are masked),
+    so D = 40 runs the D = 64 tiles. No autotuning: deterministic, and what the AOT test compiles
+    (tests/test_kernels_fused_attention.py: registers, spills, tensor cores on sm_80 and sm_90a).
 
     Under the interpreter every tile is 16 rows: the tests' short sequences then cross several tile
     boundaries, and the numpy programs stay small.
     """
+    block_d = triton.next_power_of_2(D)
     if arch is None:
         cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
-    wide = D == 128
     if dtype == torch.float32:
         # 3xTF32 matmuls (see _dot) hold each fp32 operand twice, as its TF32 high and low parts:
-        # small tiles, and at D = 128 8 warps for the backward, keep them in registers.
-        fwd = dict(BLOCK_M=16 if wide else 32, BLOCK_N=16, num_warps=4, num_stages=1)
+        # small tiles, and at BLOCK_D = 128 8 warps for the backward, keep them in registers.
+        # (fp32 above D = 128 is left to the reference: checks.attention_limits.)
+        # Masked lanes (D below its tile width) cost registers too: 8 warps there as well.
+        wide = block_d == 128 or D != block_d
+        fwd = dict(BLOCK_M=16 if block_d == 128 else 32, BLOCK_N=16, num_warps=4, num_stages=1)
         dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
         dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+    elif block_d == 256:
+        # sm_80's mma.sync holds the Q tile and the accumulator in registers: half the rows there.
+        fwd = dict(BLOCK_M=64 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
+        dkdv = dict(BLOCK_M=16 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
+        dq = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+    elif block_d == 128:
+        hopper = arch >= 90
+        fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=64 if hopper else 32, num_warps=8 if hopper else 4, num_stages=1)
+        dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     else:
-        fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=1 if wide else 2)
-        if wide:
-            hopper = arch >= 90
-            dkdv = dict(BLOCK_M=16, BLOCK_N=64 if hopper else 32, num_warps=8 if hopper else 4, num_stages=1)
-        else:
-            dkdv = dict(BLOCK_M=32, BLOCK_N=64 if D <= 32 else 32, num_warps=4, num_stages=1)
-        dq = dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=1)
+        # sm_80 at 64 keys per tile spills a few bytes with every option on (max logit included).
+        fwd = dict(BLOCK_M=128, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=2)
+        # A width that is an odd multiple of 8 has strides the loads cannot assume 16-divisible:
+        # narrower vectors, more registers, so twice the warps for the backward's tiles.
+        warps = 8 if D % 16 else 4
+        dkdv = dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 32 else 32, num_warps=warps, num_stages=1)
+        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=1)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
@@ -546,27 +573,9 @@ def _flags(q, causal, softcap, q_weight, k_weight, v_weight) -> dict:
                 DOT_UPCAST=int(q.dtype == torch.bfloat16 and not q.is_cuda))
 
 
-def _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
-    B, T, H, D = q.shape
-    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    o32 = torch.empty((B, T, H, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    cfg = dict(_blocks(q)["fwd"])
-    n_blocks = triton.cdiv(T, cfg["BLOCK_M"])
-    # One max per program, reduced over the batch and the query blocks here: no atomics, O(T) memory.
-    part = torch.full((B, H, n_blocks) if max_logit else (0,), float("-inf"), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        return o, o32, lse, _head_max(part, H, max_logit)
-    _attn_fwd[(B * H * n_blocks,)](
-        q, k, v,
-        *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
-        o, o32, lse, part if max_logit else lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
-        float(scale), float(softcap or 1.0), float(eps),
-        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight), MAX_LOGIT=int(max_logit), **cfg,
-    )
-    backend.LAUNCHES["fused_attention_fwd"] += 1
-    return o, o32, lse, _head_max(part, H, max_logit)
+def _residual_shape(q: torch.Tensor) -> tuple:
+    """The fp16 rounding residual of o: none for fp32 o, which is exact as it is."""
+    return tuple(q.shape) if q.dtype != torch.float32 else (0,)
 
 
 def _head_max(part: torch.Tensor, H: int, max_logit: bool) -> torch.Tensor:
@@ -576,7 +585,63 @@ def _head_max(part: torch.Tensor, H: int, max_logit: bool) -> torch.Tensor:
     return part.amax(dim=(0, 2)) if part.numel() else part.new_full((H,), float("-inf"))
 
 
-def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile) and autograd
+
+
+@torch.library.custom_op("stableblocks::fused_attention_fwd", mutates_args=())
+def fused_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
+    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
+    causal: bool, softcap: float | None, scale: float, eps: float, max_logit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, o_res, lse, max_logit): o (B, T, H, D) in q's dtype, o_res what o's rounding lost, in fp16
+    (empty when o is fp32), lse (B, H, T) fp32 in log2 units, max_logit (H,) fp32 when requested,
+    else empty."""
+    check_runnable(q)
+    B, T, H, D = q.shape
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    o_res = torch.empty(_residual_shape(q), dtype=torch.float16, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    cfg = dict(_blocks(q)["fwd"])
+    n_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    # One max per program, reduced over the batch and the query blocks here: no atomics, O(T) memory.
+    part = torch.full((B, H, n_blocks) if max_logit else (0,), float("-inf"), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, o_res, lse, _head_max(part, H, max_logit)
+    _attention_fwd[(B * H * n_blocks,)](
+        q, k, v,
+        *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
+        o, o_res if o_res.numel() else o, lse, part if max_logit else lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
+        float(scale), float(softcap or 1.0), float(eps),
+        D=D, BLOCK_D=triton.next_power_of_2(D), **_flags(q, causal, softcap, q_weight, k_weight, v_weight),
+        MAX_LOGIT=int(max_logit), RESIDUAL=int(q.dtype != torch.float32), **cfg,
+    )
+    launched("fused_attention_fwd")
+    return o, o_res, lse, _head_max(part, H, max_logit)
+
+
+@fused_attention_fwd.register_fake
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
+    B, T, H, D = q.shape
+    return (q.new_empty((B, T, H, D)), q.new_empty(_residual_shape(q), dtype=torch.float16),
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty((H,) if max_logit else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("stableblocks::fused_attention_bwd", mutates_args=())
+def fused_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, o_res: torch.Tensor,
+    lse: torch.Tensor,
+    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
+    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
+    causal: bool, softcap: float | None, scale: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dnorm): dnorm (6, D) fp32 holds dweight, dbias of q's, k's and v's norms."""
+    check_runnable(q)
     B, T, H, D = q.shape
     q, k, v, do = (_rows_contiguous(t) for t in (q, k, v, do))
     dq, dk, dv = (torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
@@ -584,7 +649,7 @@ def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weigh
     if dq.numel() == 0:
         return dq, dk, dv, dnorm
     blocks = _blocks(q)
-    flags = _flags(q, causal, softcap, q_weight, k_weight, v_weight)
+    flags = dict(_flags(q, causal, softcap, q_weight, k_weight, v_weight), BLOCK_D=triton.next_power_of_2(D))
     norms = (*_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q))
     scalars = (T, H, float(scale), float(softcap or 1.0), float(eps))
 
@@ -594,19 +659,20 @@ def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weigh
     n_prog = B * H * triton.cdiv(T, cfg["BLOCK_M"])
     # Every program writes its row of a partial-sum buffer, so torch.empty is safe.
     part_q = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if q_weight is not None else lse
-    _attn_bwd_dq[(n_prog,)](
-        q, k, v, do, o32, lse, delta, *norms, dq, part_q,
-        *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o32), *_bhts(do), *_bhts(dq), *scalars, D=D, **flags, **cfg)
-    backend.LAUNCHES["fused_attention_bwd_dq"] += 1
+    _attention_bwd_dq[(n_prog,)](
+        q, k, v, do, o, o_res if o_res.numel() else o, lse, delta, *norms, dq, part_q,
+        *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), *_bhts(do), *_bhts(dq), *scalars, D=D, **flags,
+        RESIDUAL=int(o_res.numel() > 0), **cfg)
+    launched("fused_attention_bwd_dq")
 
     cfg = dict(blocks["dkdv"])
     n_prog = B * H * triton.cdiv(T, cfg["BLOCK_N"])
     part_k = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if k_weight is not None else lse
     part_v = torch.empty((2, n_prog, D), dtype=torch.float32, device=q.device) if v_weight is not None else lse
-    _attn_bwd_dkdv[(n_prog,)](
+    _attention_bwd_dkdv[(n_prog,)](
         q, k, v, do, lse, delta, *norms, dk, dv, part_k, part_v,
         *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(do), *_bhts(dk), *scalars, D=D, **flags, **cfg)
-    backend.LAUNCHES["fused_attention_bwd_dkdv"] += 1
+    launched("fused_attention_bwd_dkdv")
 
     # Partial sums reduced in a fixed order: deterministic weight/bias gradients.
     for i, (weight, part) in enumerate(((q_weight, part_q), (k_weight, part_k), (v_weight, part_v))):
@@ -615,70 +681,29 @@ def _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weigh
     return dq, dk, dv, dnorm
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library ops (opaque to torch.compile) and autograd
-
-
-@torch.library.custom_op("stableblocks::fused_attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
-    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
-    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
-    causal: bool, softcap: float | None, scale: float, eps: float, max_logit: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, o32, lse, max_logit): o (B, T, H, D) in q's dtype, o32 the same in fp32, lse (B, H, T) fp32
-    in log2 units, max_logit (H,) fp32 when requested, else empty."""
-    return _forward(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps,
-                    max_logit)
-
-
-@_attention_op.register_fake
-def _(q, k, v, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps, max_logit):
-    B, T, H, D = q.shape
-    return (q.new_empty((B, T, H, D)), q.new_empty((B, T, H, D), dtype=torch.float32),
-            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty((H,) if max_logit else (0,), dtype=torch.float32))
-
-
-@torch.library.custom_op("stableblocks::fused_attention_backward", mutates_args=())
-def _attention_backward_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o32: torch.Tensor, lse: torch.Tensor,
-    q_weight: torch.Tensor | None, q_bias: torch.Tensor | None,
-    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
-    v_weight: torch.Tensor | None, v_bias: torch.Tensor | None,
-    causal: bool, softcap: float | None, scale: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dnorm): dnorm (6, D) fp32 holds dweight, dbias of q's, k's and v's norms."""
-    return _backward(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-                     causal, softcap, scale, eps)
-
-
-@_attention_backward_op.register_fake
-def _(do, q, k, v, o32, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
+@fused_attention_bwd.register_fake
+def _(do, q, k, v, o, o_res, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps):
     B, T, H, D = q.shape
     shape = (B, T, H, D)
     return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape), q.new_empty((6, D), dtype=torch.float32)
 
 
-_PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias")
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, *params, causal, softcap, scale, eps, _ = inputs
-    _, o32, lse, max_logit = output
-    ctx.save_for_backward(q, k, v, o32, lse, *params)
+    o, o_res, lse, max_logit = output
+    ctx.save_for_backward(q, k, v, o, o_res, lse, *params)
     ctx.options = (causal, softcap, scale, eps)
-    ctx.mark_non_differentiable(o32, lse, max_logit)
+    ctx.mark_non_differentiable(o_res, lse, max_logit)
 
 
-def _backward_rule(ctx, do, _do32, _dlse, _dmax_logit):
-    q, k, v, o32, lse, *params = ctx.saved_tensors
-    dq, dk, dv, dnorm = _attention_backward_op(do, q, k, v, o32, lse, *params, *ctx.options)
+def _backward(ctx, do, _do_res, _dlse, _dmax_logit):
+    q, k, v, o, o_res, lse, *params = ctx.saved_tensors
+    dq, dk, dv, dnorm = fused_attention_bwd(do, q, k, v, o, o_res, lse, *params, *ctx.options)
     dparams = [None if p is None else dnorm[i].to(p.dtype) for i, p in enumerate(params)]
     return dq, dk, dv, *dparams, None, None, None, None, None
 
 
-_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=None, v_norm=None, scale=None, eps=1e-5,
@@ -687,8 +712,8 @@ def fused_attention(q, k, v, *, causal=True, softcap=None, q_norm=None, k_norm=N
     (qw, qb), (kw, kb), (vw, vb) = (p if p is not None else (None, None) for p in (q_norm, k_norm, v_norm))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    o, _, _, max_logit = _attention_op(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps),
-                                       bool(return_max_logit))
+    o, _, _, max_logit = fused_attention_fwd(q, k, v, qw, qb, kw, kb, vw, vb, bool(causal), softcap, scale, float(eps),
+                                             bool(return_max_logit))
     return (o, max_logit) if return_max_logit else o
 
 
@@ -713,35 +738,48 @@ def _signatures(ty: str) -> dict:
         return {f"stride_{n}{x}": "i32" for n in names for x in "bth"}
 
     return {
-        "_attn_fwd": {**io, **norms, "O": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", "MAXLOGIT": "*fp32",
+        "_attention_fwd": {**io, **norms, "O": f"*{ty}", "O_RES": "*fp16", "LSE": "*fp32", "MAXLOGIT": "*fp32",
                       **strides("q", "k", "v", "o"), **scalars},
-        "_attn_bwd_dkdv": {**io, "DO": f"*{ty}", "LSE": "*fp32", "DELTA": "*fp32", **norms, "DK": f"*{ty}",
+        "_attention_bwd_dkdv": {**io, "DO": f"*{ty}", "LSE": "*fp32", "DELTA": "*fp32", **norms, "DK": f"*{ty}",
                            "DV": f"*{ty}", "DNORM_K": "*fp32", "DNORM_V": "*fp32",
                            **strides("q", "k", "v", "do", "g"), **scalars},
-        "_attn_bwd_dq": {**io, "DO": f"*{ty}", "O32": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", **norms,
+        "_attention_bwd_dq": {**io, "DO": f"*{ty}", "O": f"*{ty}", "O_RES": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", **norms,
                          "DQ": f"*{ty}", "DNORM_Q": "*fp32", **strides("q", "k", "v", "o", "do", "g"), **scalars},
     }
 
 
-def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"), archs=(80, 90)) -> list:
-    """aot.CompileJobs for every kernel, supported D, dtype, option set and arch, at the tile shapes,
-    warps and stages the launcher picks on that GPU. Pointers and strides are marked 16-divisible,
-    as the JIT specialises them for (B, T, H, D) views with D >= 16 contiguous elements.
+# The widths the AOT test compiles: every tile width (16 to 256), widths that are not a power of
+# two (masked lanes), and each of them that is an odd multiple of 8 (strides not 16-divisible).
+AOT_HEAD_DIMS = (16, 40, 48, 64, 80, 96, 128, 160, 192, 256)
+
+
+def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"), archs=(80, 90),
+                head_dims=AOT_HEAD_DIMS) -> list:
+    """aot.CompileJobs for every kernel, head width (the float32 ones the kernel takes), dtype,
+    option set and arch, at the tile shapes, warps and stages the launcher picks on that GPU.
+    Pointers are marked 16-byte aligned, and strides 16-divisible where D is a multiple of 16, as
+    the JIT specialises them for (B, T, H, D) views of a projection's output.
     """
     from .aot import CompileJob
+    from .checks import ATTENTION_FP32_MAX_HEAD_DIM
 
     tl_types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     jobs = []
     for dtype in dtypes:
         for kernel, sig in _signatures(tl_types[dtype]).items():
-            aligned = [name for name, ty in sig.items() if ty.startswith("*") or name.startswith("stride_")]
-            for D in HEAD_DIMS:
+            for D in head_dims:
+                if dtype == torch.float32 and D > ATTENTION_FP32_MAX_HEAD_DIM:
+                    continue
+                aligned = [name for name, ty in sig.items()
+                           if ty.startswith("*") or (name.startswith("stride_") and D % 16 == 0)]
                 for arch in archs:
-                    cfg = dict(block_sizes(D, dtype, arch)[kernel.removeprefix("_attn_").removeprefix("bwd_")])
+                    cfg = dict(block_sizes(D, dtype, arch)[kernel.removeprefix("_attention_").removeprefix("bwd_")])
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     for name in options:
-                        flags = {k: v for k, v in AOT_OPTIONS[name].items() if k != "MAX_LOGIT" or kernel == "_attn_fwd"}
-                        constexprs = {"D": D, **cfg, **flags, "DOT_UPCAST": 0}
+                        flags = {k: v for k, v in AOT_OPTIONS[name].items() if k != "MAX_LOGIT" or kernel == "_attention_fwd"}
+                        if kernel != "_attention_bwd_dkdv":
+                            flags["RESIDUAL"] = int(dtype != torch.float32)
+                        constexprs = {"D": D, "BLOCK_D": triton.next_power_of_2(D), **cfg, **flags, "DOT_UPCAST": 0}
                         jobs.append(CompileJob(__name__, kernel, sig, constexprs, arch, warps, stages, aligned))
     return jobs
 

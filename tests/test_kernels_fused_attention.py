@@ -21,7 +21,7 @@ from tolerance import assert_within_tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NORMS = ("q_norm", "k_norm", "v_norm")
-KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")  # the Triton functions (AOT)
+KERNELS = ("_attention_fwd", "_attention_bwd_dq", "_attention_bwd_dkdv")  # the Triton functions (AOT)
 LAUNCHES = ("fused_attention_fwd", "fused_attention_bwd_dq", "fused_attention_bwd_dkdv")  # backend.LAUNCHES keys
 
 
@@ -155,7 +155,7 @@ def test_gpu_tile_shapes(triton_backend, monkeypatch, arch, dtype):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    B=st.integers(1, 2), T=st.integers(1, 40), H=st.integers(1, 3), D=st.sampled_from(fat.HEAD_DIMS),
+    B=st.integers(1, 2), T=st.integers(1, 40), H=st.integers(1, 3), D=st.sampled_from([16, 24, 32, 48, 64, 72, 128]),
     norms=st.sets(st.sampled_from(NORMS)), bias=st.booleans(), cap=st.sampled_from([None, 2.0, 50.0]),
     causal=st.booleans(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "qkv", "bhtd"]),
     seed=st.integers(0, 2**16),
@@ -180,11 +180,35 @@ def test_weight_gradients_are_deterministic(triton_backend):
 
 
 def test_unsupported_head_width_is_a_clear_error(triton_backend):
-    q = torch.randn(1, 4, 2, 12)
-    with pytest.raises(ValueError, match=r"head width D=12 .*16, 32"):
+    q = torch.randn(1, 4, 2, 44)
+    with pytest.raises(ValueError, match=r"head width D=44 .*multiples of 8 from 16 to 256"):
         fused_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"head width D=136 in float32 .*float32 up to 128"):
+        fused_attention(*(torch.randn(1, 4, 1, 136),) * 3)
     sb.set_backend("reference")
     assert fused_attention(q, q, q).shape == q.shape  # the reference takes any D
+
+
+# name: (B, T, H, D, norms, bias, cap, causal, layout); widths that are not a power of two run
+# tiles of the next one with masked lanes, which must stay out of the norms' statistics.
+WIDTH_CASES = {
+    "D=40, QKV-norm, cap 50": (1, 19, 2, 40, NORMS, True, 50.0, True, "qkv"),
+    "D=80, QK-norm": (1, 17, 1, 80, ("q_norm", "k_norm"), True, None, True, "contiguous"),
+    "D=96, full, v-norm, cap 2": (1, 13, 1, 96, ("v_norm",), False, 2.0, False, "bhtd"),
+    "D=256, QKV-norm, cap 2": (1, 9, 1, 256, NORMS, True, 2.0, True, "qkv"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", WIDTH_CASES)
+def test_head_widths_that_are_not_powers_of_two(triton_backend, name, dtype):
+    B, T, H, D, norms, bias, cap, causal, layout = WIDTH_CASES[name]
+    case = make_case(B, T, H, D, norms=norms, bias=bias, cap=cap, layout=layout)
+    if dtype == torch.float32 and D > 128:  # refused: "auto" takes the reference (tests/test_backend.py)
+        with pytest.raises(ValueError, match="in float32 is not supported"):
+            run(case, dtype, "triton", causal=causal, softcap=cap)
+        return
+    check_against_reference(case, dtype, causal=causal, softcap=cap)
 
 
 def test_float64_is_a_clear_error_on_the_triton_path(triton_backend):
@@ -348,10 +372,10 @@ def test_stable_attention_dropout_takes_the_reference_path(triton_backend):
 # Ahead-of-time compilation for sm_80 / sm_90a
 
 
-# The one known exception: fp32 dq at D = 128 on sm_90a with every option on spills 8 bytes (3xTF32
-# keeps q and do live as high and low parts; 2, 4, 8 or 16 warps and 16/32-row tiles all spill).
-# Bounded so it cannot grow unnoticed.
-FP32_DQ_D128_SM90_SPILL = 8
+# The known exceptions, fp32 with every option on at the 128-wide tiles (D = 72 to 128): 3xTF32 keeps
+# each operand live as high and low parts, and 4, 8 or 16 warps and 16/32-row tiles all spill a few
+# bytes there (bf16/fp16 builds spill nothing). Bounded so they cannot grow unnoticed.
+FP32_WIDE_SPILL = {("_attention_bwd_dq", 90): 16, ("_attention_bwd_dkdv", 80): 28}
 
 
 @pytest.mark.slow
@@ -365,10 +389,12 @@ def test_aot_compiles_without_spills_on_tensor_cores():
     # bf16 (fp16 compiles the same) and fp32, whose 3xTF32 matmuls also run on tensor cores.
     jobs = fat.aot_configs(dtypes=(torch.bfloat16, torch.float32))
     assert {(j.kernel, j.signature["Q"], j.constexprs["D"], j.arch) for j in jobs} == {
-        (k, ty, D, arch) for k in KERNELS for ty in ("*bf16", "*fp32") for D in fat.HEAD_DIMS for arch in (80, 90)}
+        (k, ty, D, arch) for k in KERNELS for ty in ("*bf16", "*fp32") for D in fat.AOT_HEAD_DIMS for arch in (80, 90)
+        if ty == "*bf16" or D <= 128}
+    assert {40, 48, 80, 96, 128, 160, 192, 256} <= set(fat.AOT_HEAD_DIMS)
     # Two children, one per core: importing Triton and ptxas dominate.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        halves = pool.map(aot.compile_jobs_in_subprocess, (jobs[0::2], jobs[1::2]))
+        halves = pool.map(lambda half: aot.compile_jobs_in_subprocess(half, timeout=2400), (jobs[0::2], jobs[1::2]))
     first, second = halves
     stats = [s for pair in zip(first, second) for s in pair] + first[len(second):]
     report = aot.format_report(stats)
@@ -376,8 +402,8 @@ def test_aot_compiles_without_spills_on_tensor_cores():
         assert (s.kernel, s.arch, s.constexprs) == (job.kernel, {80: "sm_80", 90: "sm_90a"}[job.arch],
                                                      job.constexprs)
         what = f"{s.kernel} {job.signature['Q'][1:]} D={job.constexprs['D']} {s.arch}"
-        allowed = FP32_DQ_D128_SM90_SPILL if (job.kernel, job.signature["Q"], job.constexprs["D"], job.arch,
-                                              job.constexprs["Q_NORM"]) == ("_attn_bwd_dq", "*fp32", 128, 90, 1) else 0
+        wide_fp32_all = job.signature["Q"] == "*fp32" and job.constexprs["BLOCK_D"] == 128 and job.constexprs["Q_NORM"]
+        allowed = FP32_WIDE_SPILL.get((job.kernel, job.arch), 0) if wide_fp32_all else 0
         assert max(s.spill_stores, s.spill_loads) <= allowed, f"{what} spills:\n{report}"
         assert s.tensor_core, f"{what}: no HMMA/HGMMA:\n{report}"
 
@@ -454,13 +480,13 @@ def test_max_logit_under_torch_compile_fullgraph(triton_backend):
 
 def test_max_logit_only_on_request(triton_backend, monkeypatch):
     """Without the request the kernel is built with MAX_LOGIT=0 (no extra work) and the op returns o alone."""
-    seen, kernel = [], fat._attn_fwd
+    seen, kernel = [], fat._attention_fwd
 
     class Spy:
         def __getitem__(self, grid):
             return lambda *a, **kw: (seen.append(kw["MAX_LOGIT"]), kernel[grid](*a, **kw))[1]
 
-    monkeypatch.setattr(fat, "_attn_fwd", Spy())
+    monkeypatch.setattr(fat, "_attention_fwd", Spy())
     q = torch.randn(1, 5, 2, 16)
     assert isinstance(fused_attention(q, q, q), torch.Tensor)
     assert isinstance(fused_attention(q, q, q, return_max_logit=True), tuple)

@@ -78,7 +78,7 @@ def test_transformers_from_the_root_sees_its_kernels_and_ours_register_once():
         import transformers.integrations.hub_kernels
         import torch
         # Our ops are there, once: registering one again would raise.
-        assert hasattr(torch.ops.stableblocks, "fused_attention")
+        assert hasattr(torch.ops.stableblocks, "fused_attention_fwd")
         print(is_kernels_available(), GPT2LMHeadModel.__name__)
         """,
         _OURS_ONLY_ONCE,
