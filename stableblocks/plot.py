@@ -1,8 +1,8 @@
 """stableblocks plot RUN_DIR [RUN_DIR ...]: the stability diagnostics of runs, overlaid, as PNGs.
 
 One PNG per diagnostic, every run a line labelled with its recipe: loss.png (train and val
-loss), grad_norm.png (log scale), tev.png (Token Embedding Variability), attn_logit.png (max
-|raw attention logit|, block 0 and the max over blocks) and output_norms.png (QKV, Proj and FC2
+loss), grad_norm.png (log scale), tev.png (Token Embedding Variability), attn_logit.png (the
+signed max raw attention logit, block 0 and the max over blocks) and output_norms.png (QKV, Proj and FC2
 output norms, max over blocks). Written into --out (default: the run folder for one run,
 ./plots for several).
 """
@@ -88,8 +88,8 @@ def plot_runs(run_dirs, out_dir: str | Path | None = None) -> list[Path]:
     paths.append(figure("grad_norm", [("global gradient norm", "grad_norm", None, True)]))
     paths.append(figure("tev", [("TEV: mean over tokens of std of embedding row", "tev_mean", None, False),
                                 ("std over tokens of std of embedding row", "tev_std", None, False)]))
-    paths.append(figure("attn_logit", [("max |attention logit|, block 0", "attn_logit_max", lambda v: v[0], True),
-                                       ("max |attention logit|, all blocks", "attn_logit_max", max, True)]))
+    paths.append(figure("attn_logit", [("max raw attention logit (signed), block 0", "attn_logit_max", lambda v: v[0], True),
+                                       ("max raw attention logit (signed), all blocks", "attn_logit_max", max, True)]))
     paths.append(figure("output_norms", [(f"{name} output L2 norm (max over blocks)", key, max, True)
                                          for name, key in (("QKV", "qkv_out_norm"), ("Proj", "proj_out_norm"), ("FC2", "fc2_out_norm"))]))
     return paths
