@@ -31,6 +31,18 @@ def reference_backend():
 
 
 @pytest.fixture
+def aot():
+    """kernels/aot.py, or a skip when Triton's ptxas for sm_80 / sm_90a is not at hand."""
+    from stableblocks.kernels import aot
+
+    try:
+        aot._ptxas(80), aot._ptxas(90)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return aot
+
+
+@pytest.fixture
 def triton_backend():
     stableblocks.set_backend("triton")
     yield
