@@ -151,7 +151,8 @@ def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> di
     # The CPU training path, whatever TRITON_INTERPRET says.
     with backend.using("reference"):
         with tempfile.TemporaryDirectory() as tmp:
-            base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp,
+            # overwrite: each variant's run replaces the last one's files in this throwaway folder.
+            base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp, overwrite=True,
                         batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
             base = {k: v for k, v in base.items() if k in names}
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

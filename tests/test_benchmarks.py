@@ -467,3 +467,10 @@ def test_microbench_times_the_loss_providers_on_cpu(tmp_path):
     assert times["triton"]["p50"] is None and times["triton"]["note"]
     assert times["reference"]["p50"] > 0 and times["eager"]["p50"] > 0
     assert times["eager"]["shape"] == "B=1 T=16 d=32 V=50304 fp32"
+
+
+def test_diagnostics_overhead_reruns_the_training_command_in_one_folder():
+    # Every variant trains into the same throwaway folder: the command's one-run-per-folder rule
+    # must see the benchmark's overwrite, not refuse the second run.
+    out = throughput.diagnostics_overhead(steps=2, repeats=1)
+    assert out["status"] == "measured" and out["ratio:default"]["p50"] > 0
