@@ -29,15 +29,15 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(flce_triton, "CHUNK_ELEMENTS", 16 * V)
 
 
-def _inputs(dtype, n=N, vocab=V, bias=False, layout="contiguous", seed=0, ignore_every=5):
+def _inputs(dtype, n=N, vocab=V, bias=False, layout="contiguous", seed=0, ignore_every=5, width=D):
     gen = torch.Generator().manual_seed(seed)
     if layout == "sliced":  # unit column stride, row stride d + 3
-        hidden = torch.randn(n, D + 3, generator=gen).to(dtype)[:, :D]
+        hidden = torch.randn(n, width + 3, generator=gen).to(dtype)[:, :width]
     elif layout == "transposed":  # (T, B, d) seen as (B, T, d): needs a copy
-        hidden = torch.randn(n // 3, 3, D, generator=gen).to(dtype).transpose(0, 1)
+        hidden = torch.randn(n // 3, 3, width, generator=gen).to(dtype).transpose(0, 1)
     else:
-        hidden = torch.randn(n, D, generator=gen).to(dtype)
-    weight = torch.randn(vocab, D, generator=gen) * 0.3
+        hidden = torch.randn(n, width, generator=gen).to(dtype)
+    weight = torch.randn(vocab, width, generator=gen) * 0.3
     b = torch.randn(vocab, generator=gen) if bias else None
     targets = torch.randint(0, vocab, hidden.shape[:-1], generator=gen)
     if ignore_every:
@@ -88,6 +88,13 @@ def _judge(inputs, dtype, which, **kw):
 def test_matches_the_float64_oracle(which, dtype, options):
     kw = dict(softcap=CAP if "cap" in options else None, z_loss=1e-2 if "z" in options else 0.0)
     _judge(_inputs(dtype, bias="bias" in options), dtype, which, **kw)
+
+
+@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpt2_width_with_a_prime_count_of_tokens(which, dtype):
+    # d = 768 (GPT-2's width: several BLOCK_D steps, not a power of two), 7 tokens, a partial vocab tile.
+    _judge(_inputs(dtype, n=7, vocab=37, width=768, bias=True), dtype, which, softcap=CAP, z_loss=1e-3)
 
 
 @pytest.mark.parametrize("which", BACKENDS)
