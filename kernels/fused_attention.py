@@ -19,7 +19,9 @@ from .backend import use_triton
 from .checks import attention_limits, check_eps, check_float, check_norm_params, check_positive, check_same_device
 
 def _norm(t: torch.Tensor, params, eps: float) -> torch.Tensor:
-    return t if params is None else _ln.reference(t, params[0], params[1], eps)
+    # q, k, v are strided views of the QKV projection: the LayerNorm would copy the view to a
+    # contiguous block in forward and again in backward; one copy, which it keeps, serves both.
+    return t if params is None else _ln.reference(t.contiguous(), params[0], params[1], eps)
 
 
 def reference(

@@ -15,7 +15,6 @@ from einops import rearrange
 
 from .config import StableConfig
 from .kernels import fused_add_norm, fused_attention, fused_embedding, layer_norm
-from .kernels.backend import use_triton
 from .kernels.fused_attention import reference as attention_reference
 
 
@@ -169,11 +168,6 @@ class StableAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
         dropout = self.training and self.dropout > 0
-        if x.device.type == "cpu" and (dropout or not use_triton("fused_attention", q)):
-            # The reference's LayerNorms copy each strided view of the projection to a contiguous
-            # block in forward, and again in backward; one copy here, which the norm keeps, serves
-            # both (CPU training: ~2.5% more tokens/s, for the normed q, k (v) kept per block).
-            q, k, v = (t if n is None else t.contiguous() for t, n in ((q, self.q_norm), (k, self.k_norm), (v, self.v_norm)))
         record = self.record_max_logit
         if dropout:
             # The fused kernel has no dropout: attention dropout takes the reference path.

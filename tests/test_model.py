@@ -327,8 +327,8 @@ def test_backend_using_restores_the_previous_backend():
 
 @pytest.mark.parametrize("name", ["qk-norm", "qkv-norm", "qk-norm-cap"])
 def test_attention_reference_path_matches_the_op_on_the_projection_views(name):
-    """StableAttention hands the reference contiguous copies of the normed q, k (v) on CPU: the
-    same values, so the same outputs and gradients as the op on the strided views, bit for bit."""
+    """The reference normalises contiguous copies of the strided q, k (v) views: the same values,
+    so StableAttention gives the op's outputs and gradients on the projection's views, bit for bit."""
     attn = sb.modules.StableAttention(sb.recipe(name, **TINY))
     x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
     dy = torch.randn(2, 9, TINY["n_embd"])
