@@ -11,7 +11,6 @@ report uses medians over repeats.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import statistics
 import tempfile
@@ -138,15 +137,11 @@ def loss_throughput(shape: dict | None = None, recipe: str = "stable", steps: in
 def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> dict:
     """Tokens/s of the training command (stableblocks.train.run) with diagnostics at their default
     interval, every step, and off; interleaved; the command's own tokens/s (its step time includes
-    the diagnostics). {"status": "pending: ..."} while train has no run(TrainConfig) with diag_interval.
-    """
+    the diagnostics)."""
     from stableblocks import train
 
-    config = getattr(train, "TrainConfig", None)
-    names = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
-    if "diag_interval" not in names or not hasattr(train, "run"):
-        return {"status": "pending: stableblocks.train has no run(TrainConfig) with diag_interval yet"}
-    variants = {"default": names["diag_interval"].default, "every step": 1, "off": 0}
+    config = train.TrainConfig
+    variants = {"default": config.diag_interval, "every step": 1, "off": 0}
     runs = {name: [] for name in variants}
     # The CPU training path, whatever TRITON_INTERPRET says.
     with backend.using("reference"):
@@ -154,7 +149,6 @@ def diagnostics_overhead(steps: int = 40, repeats: int = 3, progress=None) -> di
             # overwrite: each variant's run replaces the last one's files in this throwaway folder.
             base = dict(steps=steps, eval_interval=0, ckpt_interval=0, plot=False, progress=False, out_dir=tmp, overwrite=True,
                         batch_size=SHAPE["batch_size"], seq_len=SHAPE["block_size"], size="tiny", warmup=min(10, steps))
-            base = {k: v for k, v in base.items() if k in names}
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 train.run(config(**base, diag_interval=0))  # one-time costs (corpus cache, first allocations)
             order = list(variants)
