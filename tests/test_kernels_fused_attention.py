@@ -153,7 +153,8 @@ def test_gpu_tile_shapes(triton_backend, monkeypatch, arch, dtype):
     check_against_reference(case, dtype, softcap=2.0)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 10 examples on every run, so a CI result can be reproduced.
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 2), T=st.integers(1, 40), H=st.integers(1, 3), D=st.sampled_from([16, 24, 32, 48, 64, 72, 128]),
     norms=st.sets(st.sampled_from(NORMS)), bias=st.booleans(), cap=st.sampled_from([None, 2.0, 50.0]),
