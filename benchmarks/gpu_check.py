@@ -26,6 +26,7 @@ says so, writes nothing and exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,11 +47,17 @@ TEST_FILES = ("tests/test_kernels_ln_family.py", "tests/test_kernels_fused_atten
 # out-of-range target there is a device assert, which would end the child's CUDA context.
 CPU_ONLY = ("tests/test_kernels_fused_linear_cross_entropy.py::test_bad_input_is_a_clear_error",)
 QUICK_RECIPES = ("gpt2", "stable", "qk-norm-cap", "qkv-norm")
-# Full microbenchmark sweep: GPT-2 small's shape (the results page's projection) and wider ones.
-FULL_SWEEP = ["--T", "1024", "4096", "--d", "768", "1024", "--D", "64", "128"]
+# Full microbenchmark sweep: GPT-2 small's width (the results page's projection) at two lengths and head widths.
+FULL_SWEEP = ["--T", "1024", "4096", "--d", "768", "--D", "64", "128"]
 # One step of a GPT-2 small-sized model for the memory step.
 MEMORY_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
 MEMORY_BATCH = 8
+TEST_TIMEOUT = 300  # seconds per test
+SUITE_TIMEOUT = 1200  # seconds per test file
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
 
 def parse_args(argv=None):
@@ -112,6 +119,17 @@ def child_env() -> dict:
     return env
 
 
+def pytest_options() -> list[str]:
+    """Workers when pytest-xdist is installed (compiling the kernels' variants is CPU-bound), and a
+    per-test time limit when pytest-timeout is (a hung kernel fails its test, not the whole check)."""
+    opts = []
+    if importlib.util.find_spec("xdist"):
+        opts += ["-n", str(max(1, min(8, (os.cpu_count() or 2) - 2)))]
+    if importlib.util.find_spec("pytest_timeout"):
+        opts += [f"--timeout={TEST_TIMEOUT}"]
+    return opts
+
+
 def run_tests(out: Path, quick: bool) -> dict:
     """Each suite in its own child: a device assert ends a process's CUDA context, and with it
     every later test in that process."""
@@ -120,12 +138,16 @@ def run_tests(out: Path, quick: bool) -> dict:
     for path in TEST_FILES:
         xml = out / f"tests-{Path(path).stem}.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", path,
-               "-m", "not slow" if quick else "slow or not slow", *(f"--deselect={t}" for t in CPU_ONLY)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
+               "-m", "not slow" if quick else "slow or not slow", *(f"--deselect={t}" for t in CPU_ONLY), *pytest_options()]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=SUITE_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.CompletedProcess(cmd, "timeout", _text(exc.stdout), _text(exc.stderr) +
+                                               f"\nthe suite did not finish within {SUITE_TIMEOUT} s")
         summary = junit_summary(xml)
         total["files"][path] = {"returncode": proc.returncode, **summary,
                                 "tail": "" if proc.returncode == 0 else proc.stdout[-3000:] + proc.stderr[-2000:]}
-        total["ok"] &= proc.returncode == 0
+        total["ok"] &= proc.returncode == 0 and summary["failed"] == 0
         for key in ("passed", "failed", "skipped", "failures"):
             total[key] += summary[key]
     total["seconds"] = time.perf_counter() - t0

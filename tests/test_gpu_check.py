@@ -110,9 +110,11 @@ def test_test_device_switch_moves_factory_results_and_keeps_their_values():
 def test_each_suite_runs_in_its_own_child_on_cuda(monkeypatch, tmp_path):
     calls = []
 
-    def fake_run(cmd, cwd, env, capture_output, text):
+    def fake_run(cmd, cwd, env, capture_output, text, timeout):
         calls.append((cmd, env))
         xml = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+        if "model_triton" in xml:
+            raise subprocess.TimeoutExpired(cmd, timeout, output=b"partial")
         failed = "<failure/>" if "fused_attention" in xml else ""
         Path(xml).write_text(f'<testsuite><testcase classname="c" name="a"/><testcase classname="c" name="b">{failed}'
                              '</testcase></testsuite>')
@@ -126,7 +128,18 @@ def test_each_suite_runs_in_its_own_child_on_cuda(monkeypatch, tmp_path):
         assert "TRITON_INTERPRET" not in env and env["STABLEBLOCKS_TEST_DEVICE"] == "cuda"
         assert cmd[cmd.index("not slow") - 1] == "-m" and "slow or not slow" not in cmd
         assert {f"--deselect={t}" for t in gpu_check.CPU_ONLY} <= set(cmd)
-    assert not got["ok"] and got["passed"] == 2 * len(calls) - 1 and got["failures"] == ["c::b"]
+    assert not got["ok"] and got["passed"] == 2 * (len(calls) - 1) - 1 and got["failures"] == ["c::b"]
+    hung = got["files"]["tests/test_model_triton.py"]
+    assert hung["returncode"] == "timeout" and "did not finish" in hung["tail"] and "partial" in hung["tail"]
+
+
+def test_the_child_uses_workers_and_a_time_limit_when_their_plugins_are_installed(monkeypatch):
+    present = {"xdist", "pytest_timeout"}
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    opts = gpu_check.pytest_options()
+    assert opts[0] == "-n" and int(opts[1]) >= 1 and f"--timeout={gpu_check.TEST_TIMEOUT}" in opts
+    present.clear()
+    assert gpu_check.pytest_options() == []
 
 
 def test_the_cpu_only_tests_named_exist():
