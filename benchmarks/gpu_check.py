@@ -18,7 +18,8 @@ On a CUDA machine, in order (each step recorded, a failing step does not stop th
    of StableGPT per recipe, with each backend.
 
 Written: gpu_check.json (device, versions, every step's result), tests-*.xml (JUnit, one per
-suite) and microbench.csv. Only a full run writes to benchmarks/results/gpu/, the folder the results page's
+suite) and microbench.csv. `--summarise FOLDER` runs nothing and rewrites the README's gpu-check
+block from the run stored in FOLDER. Only a full run writes to benchmarks/results/gpu/, the folder the results page's
 measured columns read. Exit status 0 when every step passed, 1 otherwise; without a CUDA GPU it
 says so, writes nothing and exits 0.
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from . import results
+from . import report, results
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RESULTS = results.RESULTS / "gpu"
@@ -68,7 +69,11 @@ def parse_args(argv=None):
                                             "runs/benchmarks/gpu_check for a quick or partial one)")
     p.add_argument("--steps", nargs="+", choices=("tests", "equivalence", "microbench", "memory"),
                    default=["tests", "equivalence", "microbench", "memory"], help="run only these steps")
+    p.add_argument("--summarise", type=Path, metavar="FOLDER",
+                   help="run nothing: rewrite the README's gpu-check block from the run stored in FOLDER")
     args = p.parse_args(argv)
+    if args.summarise is not None and not (args.summarise / "gpu_check.json").exists():
+        p.error(f"--summarise {args.summarise}: no gpu_check.json there")
     args.out = results.output_folder(p, GPU_RESULTS, args.out, args.quick or len(set(args.steps)) < 4, "gpu_check")
     return args
 
@@ -223,8 +228,70 @@ def run_memory(recipes) -> dict:
     return out
 
 
+def _gb(n) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f}"
+
+
+def _ms(rows: dict, key) -> str:
+    return f"{rows[key]:.3g}" if key in rows else "—"
+
+
+def summary(folder: Path) -> str:
+    """Markdown of one stored GPU run (gpu_check.json and microbench.csv in `folder`): the README's
+    gpu-check block, written by --summarise."""
+    data = json.loads((folder / "gpu_check.json").read_text())
+    steps = data["steps"]
+    missing = [s for s in ("tests", "equivalence", "microbench", "memory") if s not in steps]
+    rel = folder.resolve()
+    rel = rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel
+    lines = [f"Last GPU run: {data['device']}, {data['timestamp'][:10]} ({data['versions']}); stored in "
+             f"[{rel}]({rel}/)" + (f", a partial run (not recorded there: {', '.join(missing)}; "
+                                    f"see that folder's README)." if missing or not is_full(data) else "."),
+             "", "Time per step: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in steps.items() if "seconds" in v) + ".", ""]
+    if "tests" in steps:
+        t = steps["tests"]
+        lines.append(f"- **Tests on compiled kernels:** {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                     + (f" (failed: {', '.join(f'`{f}`' for f in t['failures'])})" if t["failures"] else "") + ".")
+    if "equivalence" in steps:
+        eq = steps["equivalence"]["recipes"]
+        worst = max(eq, key=lambda r: eq[r]["worst_grad_error_vs_largest"])
+        lines.append(f"- **Model equivalence (bf16 autocast):** {sum(r['ok'] for r in eq.values())} of {len(eq)} recipes "
+                     f"within bounds; largest gradient difference {eq[worst]['worst_grad_error_vs_largest']:.2%} of the "
+                     f"largest gradient (`{worst}`, `{eq[worst]['worst_grad']}`).")
+    if "memory" in steps:
+        mem = steps["memory"]
+        shape = mem["shape"]
+        lines += ["", f"Peak memory of one training step (GB; {shape['n_layer']} layers, d = {shape['n_embd']}, "
+                      f"B = {shape['batch_size']}, T = {shape['block_size']}, bf16 autocast, AdamW):", "",
+                  "| recipe | reference | triton | triton / reference |", "| --- | --- | --- | --- |"]
+        for recipe in dict.fromkeys(k.split(":")[0] for k in mem["peak_bytes"]):
+            ref, tri = mem["peak_bytes"][f"{recipe}:reference"], mem["peak_bytes"][f"{recipe}:triton"]
+            ratio = f"{tri / ref:.2f}" if ref and tri else "—"
+            lines.append(f"| `{recipe}` | {_gb(ref)} | {_gb(tri)} | {ratio} |")
+    rows = [r for r in results.read(folder / "microbench.csv") if r["metric"] == "time" and not r["note"]] \
+        if (folder / "microbench.csv").exists() else []
+    times = {(r["op"], r["shape"], r["provider"]): float(r["p50"]) for r in rows if r["mode"] == "forward+backward"}
+    if times:
+        others = ("compile", "sdpa", "flex", "flash_attn", "liger")
+        lines += ["", "Forward + backward, `do_bench` median (ms; launch overhead included):", "",
+                  "| case | shape | triton | eager | " + " | ".join(others) + " | triton / eager |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in others) + " | --- |"]
+        for op, shape in dict.fromkeys((k[0], k[1]) for k in times):
+            if (op, shape, "triton") not in times:
+                continue
+            eager = times.get((op, shape, "eager"))
+            ratio = f"{times[(op, shape, 'triton')] / eager:.2f}" if eager else "—"
+            cells = [_ms(times, (op, shape, p)) for p in ("triton", "eager", *others)]
+            lines.append(f"| `{op}` | {shape} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        report.replace_block(report.README, "gpu-check", "\n" + summary(args.summarise))
+        print(f"gpu_check: README's gpu-check block rewritten from {args.summarise}")
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU found; nothing was run and nothing was written.")
         return 0

@@ -147,3 +147,34 @@ def test_the_cpu_only_tests_named_exist():
     for node in gpu_check.CPU_ONLY:
         path, name = node.split("::")
         assert f"def {name}(" in (root / path).read_text(), node
+
+
+def test_the_readme_block_is_the_summary_of_the_stored_run():
+    readme = Path(gpu_check.ROOT, "README.md").read_text()
+    folders = sorted(p.parent for p in gpu_check.GPU_RESULTS.glob("*/gpu_check.json"))
+    assert folders, "no stored GPU run"
+    blocks = {f: f"<!-- gpu-check:begin -->\n{gpu_check.summary(f)}<!-- gpu-check:end -->" for f in folders}
+    assert any(b in readme for b in blocks.values()), "README's gpu-check block matches no stored run"
+
+
+def test_summary_counts_and_flags_a_partial_run(tmp_path):
+    folder = tmp_path
+    _sample_gpu_folder(folder, quick=False)
+    data = json.loads((folder / "gpu_check.json").read_text())
+    data["steps"]["tests"] = {"ok": False, "passed": 7, "failed": 1, "skipped": 2, "failures": ["t::bad"], "seconds": 12.4}
+    data["steps"]["memory"] = {"ok": True, "shape": {"n_layer": 2, "n_embd": 64, "batch_size": 1, "block_size": 8},
+                               "peak_bytes": {"gpt2:reference": 2e9, "gpt2:triton": 1e9}}
+    del data["steps"]["equivalence"]
+    gpu_check.write_json(folder / "gpu_check.json", data)
+    text = gpu_check.summary(folder)
+    assert "7 passed, 1 failed, 2 skipped (failed: `t::bad`)" in text and "Time per step: tests 12 s." in text
+    assert "partial run (not recorded there: equivalence" in text and "Model equivalence" not in text
+    assert "| `gpt2` | 2.00 | 1.00 | 0.50 |" in text
+    # Only forward+backward rows are tabulated; the sample has forward rows only.
+    assert "Forward + backward" not in text
+
+
+def test_summarise_needs_a_stored_run(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(["--summarise", str(tmp_path)])
+    assert exc.value.code == 2
