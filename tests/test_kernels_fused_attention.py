@@ -166,6 +166,17 @@ def test_property(triton_backend, B, T, H, D, norms, bias, cap, causal, dtype, l
     check_against_reference(case, dtype, causal=causal, softcap=cap)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect: fp32, full attention, cap 50 with logits far past it: d k's max error 2.2e-4 against "
+    "SPEC's bound of 1.4e-4 (PyTorch's own error 1.35e-5), on the sequence's last key; the rest of the "
+    "gradient is within the bound. bf16/fp16 are unaffected. strict: fixing it turns this red, so the "
+    "mark comes off with the fix"))
+def test_fp32_full_attention_far_past_a_cap_of_50(triton_backend):
+    case = make_case(1, 10, 2, 32, norms=(), cap=50.0, layout="bhtd", seed=0)
+    assert_cap_reached(case, 50.0)
+    check_against_reference(case, torch.float32, causal=False, softcap=50.0)
+
+
 def test_many_heads_and_batches(triton_backend):
     """B * H = 48: the (batch, head) index of each program, and its rows of the log-sum-exp."""
     case = make_case(4, 3, 12, 16, norms=NORMS, cap=2.0, layout="qkv")
