@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 from stableblocks.kernels import backend
@@ -76,6 +77,7 @@ class Launch:
     grid: tuple
     constexprs: dict
     args: dict[str, ArgTraffic] = field(default_factory=dict)
+    flops: int = 0  # 2 M N K per tl.dot of an (M, K) by (K, N) tile, masked lanes included (the GPU does them)
 
     @property
     def requested(self) -> int:
@@ -99,6 +101,7 @@ class _Recorder:
         self.storages: dict[int, tuple[int, str]] = {}  # start address -> (nbytes, argument names)
         self.constexprs: dict = {}
         self.accesses: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)  # (kind, elt) -> addrs
+        self.flops = 0
 
     def bind(self, named_args: dict, constexpr_names) -> None:
         for name, value in named_args.items():
@@ -117,7 +120,7 @@ class _Recorder:
             self.accesses[kind, elt].append(np.asarray(addrs, dtype=np.uint64).ravel())
 
     def finish(self, grid: tuple) -> Launch:
-        launch = Launch(self.kernel, tuple(int(g) for g in grid), dict(self.constexprs))
+        launch = Launch(self.kernel, tuple(int(g) for g in grid), dict(self.constexprs), flops=self.flops)
         starts = np.array(sorted(self.storages), dtype=np.uint64)
         labels = [self.storages[int(s)][1] for s in starts]
         ends = np.array([int(s) + self.storages[int(s)][0] for s in starts], dtype=np.uint64)
@@ -145,7 +148,8 @@ class _Recorder:
 
 
 class TritonTraffic:
-    """Context manager: record every interpreted Triton launch's loads and stores in `.launches`.
+    """Context manager: record every interpreted Triton launch's loads and stores (and its tl.dot
+    FLOPs) in `.launches`.
 
     `weights`: tensors whose storages count as the op's weights (see ArgTraffic.modeled).
     """
@@ -163,7 +167,8 @@ class TritonTraffic:
         self._interp = interp
         builder, executor = interp.InterpreterBuilder, interp.GridExecutor
         self._saved = [(builder, name, getattr(builder, name)) for name in
-                       ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")]
+                       ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas",
+                        "create_dot")]
         self._saved += [(executor, name, getattr(executor, name)) for name in ("__call__", "_init_args_hst")]
         orig = {name: fn for _, name, fn in self._saved}
         launches, weights = self.launches, self.weights
@@ -189,6 +194,11 @@ class TritonTraffic:
                 _state.launch.record(kind, ptr.data, None, elt(ptr))
             return orig["create_atomic_cas"](b, ptr, cmp, val, sem, scope)
 
+        def dot(b, a, bb, d, *args):
+            *_, m, k = a.data.shape
+            _state.launch.flops += 2 * m * k * bb.data.shape[-1] * int(np.prod(a.data.shape[:-2], dtype=np.int64))
+            return orig["create_dot"](b, a, bb, d, *args)
+
         def init_args(ex, args_dev, kwargs):
             args_hst, kwargs_hst = orig["_init_args_hst"](ex, args_dev, kwargs)
             _state.launch.bind({**dict(zip(ex.arg_names, args_hst)), **kwargs_hst}, ex.constexprs)
@@ -205,6 +215,7 @@ class TritonTraffic:
 
         for cls, name, fn in ((builder, "create_masked_load", masked_load), (builder, "create_masked_store", masked_store),
                               (builder, "create_atomic_rmw", atomic_rmw), (builder, "create_atomic_cas", atomic_cas),
+                              (builder, "create_dot", dot),
                               (executor, "_init_args_hst", init_args), (executor, "__call__", call)):
             setattr(cls, name, fn)
         return self
@@ -225,6 +236,10 @@ class TritonTraffic:
     @property
     def modeled(self) -> int:
         return sum(launch.modeled for launch in self.launches)
+
+    @property
+    def flops(self) -> int:
+        return sum(launch.flops for launch in self.launches)
 
 
 # --- aten ops at the dispatcher ---------------------------------------------------------------------
@@ -317,7 +332,9 @@ class PassBytes:
     kernel_requested: int = 0  # Triton loads + stores (no cache)
     kernel_unique: int = 0  # each distinct address once per launch
     kernel_modeled: int = 0  # requested, the op's weights once per launch
+    kernel_flops: int = 0  # tl.dot FLOPs
     torch_bytes: int = 0  # aten ops at the dispatcher (the whole pass for eager; launcher work for Triton)
+    torch_flops: int = 0  # their matmul FLOPs (torch.utils.flop_counter)
     launches: list[Launch] = field(default_factory=list)
     aten: dict[str, int] = field(default_factory=dict)
 
@@ -332,18 +349,19 @@ def count_passes(fn, inputs: ops.Inputs, triton: bool) -> dict[str, PassBytes]:
     with backend.using("triton" if triton else "reference"):
         for mode in ("forward", "backward"):
             kernels = TritonTraffic(inputs.weights) if triton else contextlib.nullcontext()
-            aten = AtenTraffic()
+            aten, flops = AtenTraffic(), FlopCounterMode(display=False)
             if mode == "forward":
-                with kernels, aten:
+                with kernels, flops, aten:
                     outs = ops.as_tuple(fn(*inputs.args, **inputs.kwargs))
                 grads = [torch.randn_like(o) for o in outs]
             else:
-                with kernels, aten:
+                with kernels, flops, aten:
                     torch.autograd.grad(outs, inputs.leaves, grads, allow_unused=True)
-            p = PassBytes(torch_bytes=aten.total, aten=aten.by_op())
+            p = PassBytes(torch_bytes=aten.total, torch_flops=flops.get_total_flops(), aten=aten.by_op())
             if triton:
                 p.launches = kernels.launches
                 p.kernel_requested, p.kernel_unique, p.kernel_modeled = kernels.requested, kernels.unique, kernels.modeled
+                p.kernel_flops = kernels.flops
             result[mode] = p
     return result
 
@@ -459,3 +477,44 @@ def to_dict(r: CaseBytes) -> dict:
     return {"case": r.case.name, "op": r.case.op, "shape": r.case.shape_label(r.shape, r.dtype, r.param_dtype), "tokens": r.shape.tokens,
             "unavoidable": r.unavoidable, "eager": passes(r.eager, False),
             "triton": passes(r.triton, True), "fa2": r.fa2, "blocks": r.blocks, "note": r.note}
+
+
+# --- the fused loss's kernels ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """The fused loss's launchers on the GPU's tiles under the interpreter (which otherwise takes the
+    smallest tiles tl.dot allows): its weight re-reads and padded FLOPs depend on the tiles."""
+    from stableblocks.kernels import fused_linear_cross_entropy_triton as flce
+
+    tiles = flce.tiles
+    flce.tiles = lambda dtype, interpreting=False: tiles(dtype)
+    try:
+        yield tiles(ops.TRAINING_DTYPE)
+    finally:
+        flce.tiles = tiles
+
+
+def loss_kernels(shape: ops.Shape, dtype=torch.float32, param_dtype=None) -> dict:
+    """Bytes and FLOPs of fused_linear_cross_entropy's Triton kernels on the GPU's tiles, beside the
+    materialising eager composition's aten ops and the matmul FLOPs the math needs (2 N V d forward;
+    backward recomputes the logits and forms d hidden and d weight: 6 N V d). Totals per pass."""
+    case = next(c for c in ops.CASES if c.op == "fused_linear_cross_entropy")
+    param_dtype = param_dtype or dtype
+    inputs = ops.make_inputs(case, shape, dtype, "cpu", 0, param_dtype)
+    eager = count_passes(ops.reference_fn(case.op), inputs, triton=False)
+    with gpu_tiles() as tiles:
+        kernel = count_passes(ops.PUBLIC[case.op], inputs, triton=True)
+    need = ops.unavoidable_bytes(case, shape, dtype, param_dtype)
+    math_flops = 2 * shape.tokens * shape.vocab * shape.d
+    out = {"shape": case.shape_label(shape, dtype, param_dtype), "tokens": shape.tokens, "tiles": tiles, "passes": {}}
+    for mode, factor in (("forward", 1), ("backward", 3)):
+        k, e = kernel[mode], eager[mode]
+        out["passes"][mode] = {
+            "unavoidable_bytes": need[mode], "math_flops": factor * math_flops,
+            "kernel_requested": k.kernel_requested, "kernel_modeled": k.kernel_modeled, "kernel_flops": k.kernel_flops,
+            "launcher_bytes": k.torch_bytes, "launcher_flops": k.torch_flops,
+            "eager_bytes": e.torch_bytes, "eager_flops": e.torch_flops,
+            "launches": sorted({launch.kernel for launch in k.launches})}
+    return out

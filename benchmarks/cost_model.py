@@ -36,8 +36,11 @@ DTYPE, PARAM_DTYPE = ops.TRAINING_DTYPE, ops.TRAINING_PARAM_DTYPE
 # (the embedding's vocabulary is 6x the tokens, like GPT-2's 50304 rows against 8192 tokens).
 NORM_SHAPE = ops.Shape(B=4, T=256, d=768, vocab=6 * 1024)
 ATTENTION_SHAPE = ops.Shape(B=1, T=256, d=128, D=64)  # 2 heads; the FA2 model uses the kernel's blocks
-# The loss's kernels are compute-bound (a matmul over the vocabulary): no bytes model; its memory is the loss part.
+# The loss's kernels are compute-bound (a matmul over the vocabulary): counted in the loss part, on the GPU's
+# tiles at GPT-2's width over a vocabulary the interpreter runs in seconds.
 BYTES_CASES = [c for c in ops.CASES if c.op != "fused_linear_cross_entropy"]
+LOSS_KERNEL_SHAPE = ops.Shape(B=1, T=256, d=768, vocab=2048)
+LOSS_KERNEL_QUICK = ops.Shape(B=1, T=64, d=64, vocab=300)
 PARTS = ("bytes", "activation", "compile", "throughput", "loss")
 
 
@@ -73,6 +76,8 @@ def measure_loss(quick: bool, progress) -> dict:
     # GPT-2 small's head over B = 8 sequences of T = 1024 tokens.
     kw = dict(N=256, d=64, V=1000, check_N=(64,)) if quick else dict(N=8192, d=768, V=50257)
     out = loss_memory.measure(dtype=DTYPE, param_dtype=PARAM_DTYPE, progress=progress, **kw)
+    progress("loss kernels' bytes and FLOPs")
+    out["kernels"] = bytes_moved.loss_kernels(LOSS_KERNEL_QUICK if quick else LOSS_KERNEL_SHAPE, DTYPE, PARAM_DTYPE)
     kw = dict(steps=2, repeats=2, warmup=1) if quick else dict(steps=10, repeats=7)
     out["throughput"] = throughput.loss_throughput(progress=progress, **kw)  # the main job's: fused vs eager loss
     return out
@@ -142,6 +147,18 @@ def csv_rows(data: dict, parts=PARTS) -> list[dict]:
             for metric in ("peak", "held_after_forward"):
                 rows.append(results.row("loss_step", r["path"], "forward+backward", shape, f"{metric}_bytes", "B", r[metric],
                                         **stamp, note="fake tensors; gradients included" if metric == "peak" else "fake tensors"))
+        k = loss.get("kernels")
+        for mode, r in (k["passes"].items() if k else ()):
+            per = lambda n: n / k["tokens"]  # noqa: E731
+            for provider, metric, value in (
+                    ("unavoidable", "bytes_per_token", r["unavoidable_bytes"]),
+                    ("triton", "bytes_per_token", r["kernel_modeled"] + r["launcher_bytes"]),
+                    ("triton", "bytes_per_token_requested", r["kernel_requested"] + r["launcher_bytes"]),
+                    ("eager", "bytes_per_token", r["eager_bytes"]), ("math", "flops_per_token", r["math_flops"]),
+                    ("triton", "flops_per_token", r["kernel_flops"] + r["launcher_flops"]),
+                    ("eager", "flops_per_token", r["eager_flops"])):
+                rows.append(results.row("fused_linear_cross_entropy:plain", provider, mode, k["shape"], metric,
+                                        "FLOP" if metric.startswith("flops") else "B", per(value), **stamp))
     return rows
 
 
@@ -185,7 +202,9 @@ def main(argv=None) -> dict:
             else:
                 data["throughput"] = measure_throughput(args.quick, progress)
             out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=1) + "\n")  # a later part's failure keeps this one
+            tmp = path.with_name(f".{path.name}.tmp")  # a later part's failure (or a crash) keeps this one whole
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(path)
             bar.update()
     results.append(out / "cost_model.csv", csv_rows(data, parts))
     page = report.write_all(out, readme=report.README if out == results.RESULTS.resolve() else None)

@@ -207,6 +207,28 @@ def loss_table(data: dict) -> str:
     return text
 
 
+def loss_kernels_table(data: dict) -> str:
+    """Bytes and FLOPs per token of the fused loss's kernels (the cost model's loss part)."""
+    k = data.get("loss", {}).get("kernels")
+    if not k:
+        return "Not measured."
+    n = k["tokens"]
+    rows = []
+    for mode, r in k["passes"].items():
+        kernel = r["kernel_modeled"] + r["launcher_bytes"]
+        rows.append([mode, f"{r['unavoidable_bytes'] / n:,.0f}", f"{kernel / n:,.0f}", f"{(r['kernel_requested'] + r['launcher_bytes']) / n:,.0f}",
+                     f"{r['eager_bytes'] / n:,.0f}", _fmt(kernel / r["eager_bytes"]), f"{r['math_flops'] / n:,.0f}",
+                     f"{(r['kernel_flops'] + r['launcher_flops']) / n:,.0f}", f"{r['eager_flops'] / n:,.0f}"])
+    tiles = ", ".join(f"{name} {' '.join(f'{a}={b}' for a, b in t.items())}" for name, t in k["tiles"].items())
+    return (f"{k['shape']} (the interpreter runs the GPU's tiles: {tiles}). Bytes: the kernels' loads and stores "
+            "with the weight read once per launch (it stays in L2), plus the launcher's PyTorch ops; *requested* "
+            "counts every re-read of the weight. FLOPs: every tl.dot, padding included. The math needs 2 N V d "
+            "forward and 6 N V d backward (the logits recomputed, then d hidden and d weight); eager keeps the "
+            "logits and does 4 N V d. Per token:\n\n"
+            + _table(["pass", "unavoidable B", "Triton B", "Triton requested B", "eager B", "Triton / eager",
+                      "math FLOPs", "Triton FLOPs", "eager FLOPs"], rows))
+
+
 def step_memory_table(data: dict, n_layer: int = 12) -> str:
     """Activations per training step, end to end: n_layer blocks' saved bytes plus the loss step's peak."""
     loss, act = data.get("loss"), data.get("activation")
@@ -511,6 +533,10 @@ def write_page(out: Path, data: dict, micro: list[dict], pngs: list[Path], gpu: 
         "## Loss step memory (LM head + cross-entropy)",
         "",
         loss_table(data),
+        "",
+        "### Bytes and FLOPs of the fused loss's kernels",
+        "",
+        loss_kernels_table(data),
         "",
         "## Activation memory per training step",
         "",

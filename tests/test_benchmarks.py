@@ -20,7 +20,7 @@ from benchmarks import (activation_memory, bytes_moved, compile_report, cost_mod
                         results, throughput)
 from stableblocks.kernels import backend
 
-from _toy_kernels import add_kernel
+from _toy_kernels import add_kernel, dot_kernel
 
 TOY = str(Path(__file__).with_name("_toy_kernels.py"))
 
@@ -99,6 +99,33 @@ def test_counter_is_removed_on_exit():
     with bytes_moved.TritonTraffic():
         assert interpreter.InterpreterBuilder.create_masked_load is not before
     assert interpreter.InterpreterBuilder.create_masked_load is before
+
+
+def test_dot_flops_are_counted_per_launch():
+    a, b, c = torch.randn(16, 32), torch.randn(32, 64), torch.empty(16, 64)
+    with bytes_moved.TritonTraffic() as traffic:
+        dot_kernel[(3,)](a, b, c, BM=16, BN=64, BK=32)
+    torch.testing.assert_close(c, a @ b)
+    (launch,) = traffic.launches
+    assert launch.flops == traffic.flops == 3 * 2 * 16 * 32 * 64  # three programs, one 16x32 @ 32x64 each
+
+
+@pytest.mark.parametrize("shape, padded", [(ops.Shape(B=1, T=128, d=128, vocab=256), False),
+                                           (ops.Shape(B=1, T=70, d=64, vocab=300), True)])
+def test_loss_kernels_count_the_math_and_the_padding(shape, padded):
+    """On tile-aligned sizes the kernels do exactly the math's 2 N V d forward and 6 N V d backward
+    FLOPs; past a tile edge they do more (masked lanes are computed), never less."""
+    k = bytes_moved.loss_kernels(shape, torch.bfloat16, torch.float32)
+    assert k["tiles"]["fwd"]["BLOCK_V"] == 128  # the GPU's tiles, not the interpreter's
+    fwd, bwd = k["passes"]["forward"], k["passes"]["backward"]
+    nvd = shape.tokens * shape.vocab * shape.d
+    assert (fwd["math_flops"], bwd["math_flops"]) == (2 * nvd, 6 * nvd)
+    assert fwd["eager_flops"] == 2 * nvd and bwd["eager_flops"] == 4 * nvd  # eager keeps the logits
+    for r in (fwd, bwd):
+        assert (r["kernel_flops"] > r["math_flops"]) if padded else (r["kernel_flops"] == r["math_flops"])
+        assert r["kernel_modeled"] + r["launcher_bytes"] >= r["unavoidable_bytes"]
+        assert r["kernel_requested"] >= r["kernel_modeled"]
+    assert fwd["launches"] == ["_flce_fwd"] and set(bwd["launches"]) == {"_flce_bwd_logits", "_flce_matmul"}
 
 
 # --- the dispatcher counter ------------------------------------------------------------------------
