@@ -50,23 +50,17 @@ def kernel_modules() -> dict[str, object | None]:
 
 
 def jobs_for(module) -> list:
-    """The module's aot_configs(): CompileJobs, or their fields as dicts (the module defaulting to
-    this one). Jobs that name both archs are kept as they are (block sizes may differ per arch);
-    otherwise each job is compiled for sm_80 and sm_90a."""
+    """The module's aot_configs() (aot.CompileJobs). Jobs that name both archs are kept as they are
+    (block sizes may differ per arch); otherwise each job is compiled for sm_80 and sm_90a."""
     from stableblocks.kernels import aot
 
     if not hasattr(module, "aot_configs"):
         raise RuntimeError(f"{module.__name__} has no aot_configs(): the report compiles what that function lists")
-    jobs, archs = [], set()
-    for job in module.aot_configs():
-        if isinstance(job, dict):
-            archs |= {job["arch"]} if "arch" in job else set()
-            job = aot.CompileJob(**{"module": module.__name__, **job})
-        elif not isinstance(job, aot.CompileJob):
-            raise TypeError(f"{module.__name__}.aot_configs(): expected CompileJobs or dicts, got {type(job).__name__}")
-        else:
-            archs.add(job.arch)
-        jobs.append(job)
+    jobs = list(module.aot_configs())
+    wrong = [type(job).__name__ for job in jobs if not isinstance(job, aot.CompileJob)]
+    if wrong:
+        raise TypeError(f"{module.__name__}.aot_configs(): expected aot.CompileJobs, got {sorted(set(wrong))}")
+    archs = {job.arch for job in jobs}
     if not set(ARCHS) <= archs:
         jobs = [dataclasses.replace(job, arch=arch) for job in jobs for arch in ARCHS]
     return [job for i, job in enumerate(jobs) if job not in jobs[:i]]

@@ -90,7 +90,7 @@ def _launcher_in_sight(fake: bool):
     on fake tensors its kernel launches do nothing and its buffers are sized as on a GPU."""
     from stableblocks.kernels import fused_linear_cross_entropy_triton as tri
 
-    patches = [mock.patch.object(tri, "flce_bwd", tri.flce_bwd._init_fn)]
+    patches = [mock.patch.object(tri, "fused_linear_cross_entropy_bwd", tri.fused_linear_cross_entropy_bwd._init_fn)]
     if fake:  # the GPU's tiles (they set the d u chunk), without launching anything
         tiles = tri.tiles
         patches += [mock.patch.object(tri, name, _NoLaunch()) for name in ("_flce_bwd_logits", "_flce_matmul")]

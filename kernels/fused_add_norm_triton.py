@@ -131,7 +131,7 @@ def _add_norm_bwd(
     tl.store(DNB + pid * width + col, dnb, mask=col_ok)
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list:
     """What the launchers compile at these widths, every option on (the most registers)."""
     fwd = {**{p: "*act" for p in ("X", "Z", "Y", "N")}, **{p: "*fp32" for p in ("W", "B", "NW", "NB")},
            **{p: "*fp32" for p in ("MeanZ", "RstdZ", "MeanY", "RstdY")},
@@ -142,8 +142,8 @@ def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
            "stride_dy": "i32", "stride_dn": "i32", "stride_z": "i32", "n_rows": "i32", "width": "i32"}
     on = {"HAS_POST": 1, "HAS_NEXT": 1}
     return [job for width in widths for job in (
-        aot_config("_add_norm_fwd", width, fwd, {**on, "HAS_POST_BIAS": 1, "HAS_NEXT_BIAS": 1}, act=act),
-        aot_config("_add_norm_bwd", width, bwd, on, backward=True, act=act))]
+        aot_config(__name__, "_add_norm_fwd", width, fwd, {**on, "HAS_POST_BIAS": 1, "HAS_NEXT_BIAS": 1}, act=act),
+        aot_config(__name__, "_add_norm_bwd", width, bwd, on, backward=True, act=act))]
 
 
 # ---- torch.library ops ----

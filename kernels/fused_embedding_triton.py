@@ -21,6 +21,7 @@ idx range: on CPU a ValueError before launch; on CUDA an asynchronous device ass
 (torch._assert_async, no host sync), as F.embedding raises on CUDA. Never a clamp.
 """
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -192,7 +193,7 @@ def _embedding_bwd_tokens(
              mask=(tok_ok & (count != 1))[:, None] & col_ok[None, :])
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list:
     """What the launchers compile at these widths (embeddings of type `act`, position embeddings
     and Embed LN on)."""
     shapes = {"stride_wte": "i32", "stride_wpe": "i32", "seq_len": "i32", "width": "i32", "scale": "fp32"}
@@ -206,14 +207,18 @@ def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
                   "DWTE": "*act", "stride_de": "i32", **shapes, "vocab": "i32"}
     on = {"HAS_WPE": 1, "HAS_LN": 1}
     return [job for width in widths for job in (
-        aot_config("_embedding_fwd", width, fwd, {**on, "HAS_LN_BIAS": 1}, act=act),
-        aot_config("_embedding_bwd", width, bwd, on, backward=True, act=act),
-        _tokens_warps(aot_config("_embedding_bwd_tokens", width, bwd_tokens, on, backward=True, act=act)))]
+        aot_config(__name__, "_embedding_fwd", width, fwd, {**on, "HAS_LN_BIAS": 1}, act=act),
+        aot_config(__name__, "_embedding_bwd", width, bwd, on, backward=True, act=act),
+        _with_token_warps(aot_config(__name__, "_embedding_bwd_tokens", width, bwd_tokens, on, backward=True, act=act)))]
 
 
-def _tokens_warps(job: dict) -> dict:
+def _token_warps(num_warps: int) -> int:
     # At 16 warps (width 4096) ptxas holds the token sums to 64 registers and spills on sm_80.
-    return {**job, "num_warps": min(job["num_warps"], 8)}
+    return min(num_warps, 8)
+
+
+def _with_token_warps(job):
+    return dataclasses.replace(job, num_warps=_token_warps(job.num_warps))
 
 
 def _check_ids(idx: torch.Tensor, vocab: int) -> None:
@@ -302,7 +307,7 @@ def fused_embedding_bwd(
             de2, order.indices, starts, wte2, wpe2, lnw, *stats, dwte,
             de2.stride(0), wte2.stride(0), wpe2.stride(0), vocab, seq_len, width, scale,
             HAS_WPE=int(has_wpe), HAS_LN=int(has_ln), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_tokens_warps({"num_warps": num_warps})["num_warps"])
+            num_warps=_token_warps(num_warps))
     launched("fused_embedding_bwd")
     return dwte, dwpe, sum_partials(lnw_part, ln_weight), sum_partials(lnb_part, ln_bias)
 

@@ -234,8 +234,10 @@ def chunk_rows(n_rows: int, vocab: int, block_n: int) -> int:
 
 
 @torch.library.custom_op("stableblocks::fused_linear_cross_entropy_fwd", mutates_args=())
-def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-             ignore_index: int, softcap: Optional[float], z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_linear_cross_entropy_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    ignore_index: int, softcap: Optional[float], z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, d) with unit column stride -> (loss terms, lse, max |u|), fp32 (N,) each."""
     check_runnable(hidden)
     n_rows, width = hidden.shape
@@ -254,16 +256,17 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return loss, lse, umax
 
 
-@flce_fwd.register_fake
+@fused_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, bias, targets, ignore_index, softcap, z_loss):
     out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
 @torch.library.custom_op("stableblocks::fused_linear_cross_entropy_bwd", mutates_args=())
-def flce_bwd(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, softcap: Optional[float],
-             z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_linear_cross_entropy_bwd(
+    g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, softcap: Optional[float], z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d hidden, d weight, d bias); d bias is empty without a bias."""
     check_runnable(hidden)
     n_rows, width = hidden.shape
@@ -295,7 +298,7 @@ def flce_bwd(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: 
     return dh, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
 
 
-@flce_bwd.register_fake
+@fused_linear_cross_entropy_bwd.register_fake
 def _(g, hidden, weight, bias, targets, lse, ignore_index, softcap, z_loss):
     db = hidden.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
     return hidden.new_empty(hidden.shape), torch.empty_like(weight, memory_format=torch.contiguous_format), db
@@ -311,11 +314,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, _dlse, _dumax):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
-    dh, dw, db = flce_bwd(g, hidden, weight, bias, targets, lse, *ctx.options)
+    dh, dw, db = fused_linear_cross_entropy_bwd(g, hidden, weight, bias, targets, lse, *ctx.options)
     return dh, dw, None if bias is None else db, None, None, None, None
 
 
-flce_fwd.register_autograd(_backward, setup_context=_setup_context)
+fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, softcap, z_loss):
@@ -323,7 +326,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index, soft
     (N, d) hidden, (N,) targets -> (loss terms, lse, max |u|), fp32 (N,) each."""
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
-    return flce_fwd(hidden, weight, bias, targets, ignore_index, softcap, z_loss)
+    return fused_linear_cross_entropy_fwd(hidden, weight, bias, targets, ignore_index, softcap, z_loss)
 
 
 def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90), width=768, vocab=50257) -> list:

@@ -85,15 +85,15 @@ def _layer_norm_bwd(
     tl.store(DB + pid * width + col, db, mask=col_ok)
 
 
-def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list[dict]:
+def aot_configs(widths=(768, 1024, 2048, 4096), act="fp32") -> list:
     """What the launchers compile at these widths (fp32 weights, activations of type `act`)."""
     fwd = {"X": "*act", "Y": "*act", "W": "*fp32", "B": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
            "stride_x": "i32", "n_rows": "i32", "width": "i32", "eps": "fp32"}
     bwd = {"DY": "*act", "X": "*act", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DX": "*act", "DW": "*fp32",
            "DB": "*fp32", "stride_dy": "i32", "stride_x": "i32", "n_rows": "i32", "width": "i32"}
     return [job for width in widths for job in (
-        aot_config("_layer_norm_fwd", width, fwd, {"HAS_BIAS": 1}, act=act),
-        aot_config("_layer_norm_bwd", width, bwd, {}, backward=True, act=act))]
+        aot_config(__name__, "_layer_norm_fwd", width, fwd, {"HAS_BIAS": 1}, act=act),
+        aot_config(__name__, "_layer_norm_bwd", width, bwd, {}, backward=True, act=act))]
 
 
 # ---- torch.library ops: opaque to torch.compile, which therefore works without a GPU driver ----

@@ -77,13 +77,16 @@ def tile(width: int, backward: bool = False) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def aot_config(kernel: str, width: int, signature: dict, constexprs: dict, backward: bool = False,
-               act: str = "fp32") -> dict:
-    """One compile job as the launcher would run it at `width`; "*act" in the signature stands for
-    a pointer to activations of type `act` (fp32, bf16, fp16)."""
+def aot_config(module: str, kernel: str, width: int, signature: dict, constexprs: dict, backward: bool = False,
+               act: str = "fp32"):
+    """One aot.CompileJob as the launcher would run `module.kernel` at `width` (the same tiles on
+    every architecture: compile_report compiles it for each); "*act" in the signature stands for a
+    pointer to activations of type `act` (fp32, bf16, fp16)."""
+    from .aot import CompileJob
+
     block_m, block_n, num_warps = tile(width, backward)
-    return dict(kernel=kernel, num_warps=num_warps, constexprs={**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                signature={k: "*" + act if v == "*act" else v for k, v in signature.items()})
+    return CompileJob(module, kernel, {k: "*" + act if v == "*act" else v for k, v in signature.items()},
+                      {**constexprs, "BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps)
 
 
 def partial_programs(n_rows: int, block_m: int, device: torch.device) -> int:

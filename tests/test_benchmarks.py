@@ -263,9 +263,8 @@ def test_compile_report_finds_tensor_core_instructions():
         aot._ptxas(80), aot._ptxas(90)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    module = types.SimpleNamespace(__name__="toy", aot_configs=lambda: [dict(
-        module=TOY, kernel="dot_kernel", signature={"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
-        constexprs={"BM": 64, "BN": 64, "BK": 64})])
+    module = types.SimpleNamespace(__name__="toy", aot_configs=lambda: [aot.CompileJob(
+        TOY, "dot_kernel", {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"}, {"BM": 64, "BN": 64, "BK": 64})])
     jobs = compile_report.jobs_for(module)
     assert [j.arch for j in jobs] == [80, 90]
     per_arch = types.SimpleNamespace(__name__="toy", aot_configs=lambda: [dataclasses.replace(jobs[0], num_warps=8), jobs[1]])

@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1: every output and every gradient against the op's reference, by SPEC.md's
 tolerance rule, with backend.LAUNCHES proving that the kernels ran and nothing fell back."""
 
+import dataclasses
 import importlib
 import math
 from collections import Counter
@@ -449,20 +450,14 @@ LAUNCHED_KERNELS = {"_layer_norm_fwd", "_layer_norm_bwd", "_add_norm_fwd", "_add
 
 
 def _aot_jobs():
-    from stableblocks.kernels import aot
-
-    jobs = {}
+    jobs = []
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"stableblocks.kernels.{name}")
         # fp32 activations at every width (the most registers); bf16 at the widest, where the
         # rounding to nearest even adds its integer ops.
-        for cfg in module.aot_configs() + module.aot_configs(widths=(4096,), act="bf16"):
-            for arch in (80, 90):
-                job = aot.CompileJob(module.__name__, cfg["kernel"], cfg["signature"], cfg["constexprs"], arch,
-                                     cfg["num_warps"])
-                # 768 and 1024 share a tile: compile it once.
-                jobs[(job.kernel, str(sorted(job.signature.items())), str(job.constexprs), arch, job.num_warps)] = job
-    return list(jobs.values())
+        for job in module.aot_configs() + module.aot_configs(widths=(4096,), act="bf16"):
+            jobs += [dataclasses.replace(job, arch=arch) for arch in (80, 90)]
+    return [job for i, job in enumerate(jobs) if job not in jobs[:i]]  # 768 and 1024 share a tile: once
 
 
 @pytest.mark.slow
