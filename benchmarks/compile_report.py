@@ -11,33 +11,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 from . import ops
 
 ARCHS = (80, 90)
-ROOT = Path(__file__).resolve().parents[1]
-
-# Runs in the child: compile each job with stableblocks.kernels.aot and keep the tensor-core
-# mnemonics found in the SASS it disassembles.
-_WORKER = r"""
-import dataclasses, json, re, sys
-from stableblocks.kernels import aot
-sass = []
-disassemble = aot._disassemble
-aot._disassemble = lambda cubin: sass.append(disassemble(cubin)) or sass[-1]
-out = []
-for job in json.load(sys.stdin):
-    sass.clear()
-    stats = dataclasses.asdict(aot._compile_job(aot._absolute_module(aot.CompileJob(**job))))
-    stats["mma"] = sorted(set(re.findall(r"\b(HMMA|HGMMA|IMMA|IGMMA|QGMMA|BGMMA|DMMA)\b", "".join(sass))))
-    out.append(stats)
-sys.stdout.write("\n" + json.dumps(out) + "\n")
-"""
 
 
 def kernel_modules() -> dict[str, object | None]:
@@ -67,15 +45,12 @@ def jobs_for(module) -> list:
 
 
 def compile_jobs(jobs: list, timeout: float = 1800.0) -> list[dict]:
-    """Compile in one child process; one dict per job (CompileStats fields + "mma")."""
-    if not jobs:
-        return []
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps([dataclasses.asdict(j) for j in jobs]),
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile report child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Compile in one child process; one dict of CompileStats fields per job ("mma": the tensor-core
+    mnemonics in its SASS)."""
+    from stableblocks.kernels import aot
+
+    return [{**dataclasses.asdict(s), "mma": list(s.mma)} for s in aot.compile_jobs_in_subprocess(jobs, timeout)] \
+        if jobs else []
 
 
 def report(progress=None) -> tuple[list[dict], list[str]]:

@@ -303,9 +303,13 @@ def goals(data: dict) -> list[tuple[str, str, str]]:
         attn = [s for s in comp if s["op"] == "fused_attention"]
         if attn:
             none = sorted({f"{s['kernel']} {s['arch']}" for s in attn if not s.get("mma")})
-            hmma_90 = sorted({s["kernel"] for s in attn if s["arch"] == "sm_90a" and s.get("mma") and "HGMMA" not in s["mma"]})
+            hmma_90 = {}
+            for s in attn:
+                if s["arch"] == "sm_90a" and s.get("mma") and "HGMMA" not in s["mma"]:
+                    hmma_90.setdefault(s["kernel"], set()).add(s["constexprs"].get("D"))
+            hmma = ", ".join(f"{k} at D = {', '.join(map(str, sorted(v)))}" for k, v in sorted(hmma_90.items()))
             result = ("every attention kernel on both archs" if not none else "no MMA in: " + ", ".join(none)) + (
-                f"; on sm_90a {', '.join(hmma_90)} use HMMA (mma.sync), not HGMMA (wgmma)" if hmma_90 else "")
+                f"; on sm_90a HMMA (mma.sync), not HGMMA (wgmma): {hmma}" if hmma_90 else "")
             out.append(("attention matmuls on tensor cores (HMMA sm_80, HGMMA sm_90a)", result, "met" if not none else "NOT met"))
         else:
             out.append(("attention matmuls on tensor cores", "no kernel yet", "not measured"))

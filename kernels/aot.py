@@ -51,6 +51,7 @@ class CompileStats:
     shared_bytes: int  # per CTA: Triton's dynamic allocation + static .nv.shared in the cubin
     tensor_core: bool
     occupancy: float  # resident warps / max warps per SM, from registers and shared memory only
+    mma: tuple[str, ...] = ()  # the tensor-core mnemonics in the SASS: HMMA (mma.sync), HGMMA (wgmma), ...
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ def compile_kernel(
         shared_bytes=shared,
         tensor_core=bool(_TENSOR_CORE_OPS.search(sass)),
         occupancy=occupancy(registers, shared, warps, arch),
+        mma=tuple(sorted(set(_TENSOR_CORE_OPS.findall(sass)))),
     )
 
 
@@ -221,7 +223,8 @@ def compile_jobs_in_subprocess(jobs: Sequence[CompileJob], timeout: float = 600.
     )
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return [CompileStats(**stats) for stats in json.loads(proc.stdout.strip().splitlines()[-1])]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [CompileStats(**{**stats, "mma": tuple(stats["mma"])}) for stats in out]
 
 
 def format_report(stats: Iterable[CompileStats]) -> str:

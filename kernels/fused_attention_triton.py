@@ -529,17 +529,24 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
         dkdv = dict(BLOCK_M=16 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
     elif block_d == 128:
+        # On sm_90a a wgmma needs 64 rows a warp group: dkdv's rows are its keys (BLOCK_N), dq's
+        # its queries (BLOCK_M). At D >= 160 every such tile spills: those stay on mma.sync.
         hopper = arch >= 90
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1)
         dkdv = dict(BLOCK_M=16, BLOCK_N=64 if hopper else 32, num_warps=8 if hopper else 4, num_stages=1)
-        dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1) if hopper else \
+            dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     else:
         # sm_80 at 64 keys per tile spills a few bytes with every option on (max logit included).
         fwd = dict(BLOCK_M=128, BLOCK_N=64 if arch >= 90 else 32, num_warps=8, num_stages=2)
         # A width that is an odd multiple of 8 has strides the loads cannot assume 16-divisible:
-        # narrower vectors, more registers, so twice the warps for the backward's tiles.
+        # narrower vectors, more registers, so twice the warps (and on sm_90a half the queries)
+        # for the backward's tiles.
         warps = 8 if D % 16 else 4
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 32 else 32, num_warps=warps, num_stages=1)
+        if block_d == 64 and arch >= 90:  # 64 keys a tile: wgmma (see above)
+            dkdv = dict(BLOCK_M=16 if D % 16 else 32, BLOCK_N=64, num_warps=8, num_stages=1)
+        else:
+            dkdv = dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 32 else 32, num_warps=warps, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=1)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 

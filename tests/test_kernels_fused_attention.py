@@ -141,15 +141,17 @@ def test_fp32_norm_weights_with_half_activations(triton_backend, dtype):
     check_against_reference(case, dtype, softcap=50.0, norm_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("D", [64, 40, 96])
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_tile_shapes(triton_backend, monkeypatch, arch, dtype):
-    """The tile shapes a GPU launch uses (not the interpreter's 16s), with T crossing their edges."""
+def test_gpu_tile_shapes(triton_backend, monkeypatch, arch, dtype, D):
+    """The tile shapes a GPU launch uses (not the interpreter's 16s), with T crossing their edges:
+    GPT-2's D = 64, an odd multiple of 8 and a 128-wide tile (each its own sm_90a backward tiles)."""
     monkeypatch.setattr(fat, "_blocks", lambda q: fat.block_sizes(q.shape[-1], q.dtype, arch))
-    blocks = fat.block_sizes(64, dtype, arch)
+    blocks = fat.block_sizes(D, dtype, arch)
     T = 150
     assert all(T > cfg[b] and T % cfg[b] for cfg in blocks.values() for b in ("BLOCK_M", "BLOCK_N"))
-    case = make_case(1, T, 1, 64, norms=NORMS, cap=2.0, layout="qkv")
+    case = make_case(1, T, 1, D, norms=NORMS, cap=2.0, layout="qkv")
     check_against_reference(case, dtype, softcap=2.0)
 
 
@@ -388,6 +390,10 @@ def test_stable_attention_dropout_takes_the_reference_path(triton_backend):
 # each operand live as high and low parts, and 4, 8 or 16 warps and 16/32-row tiles all spill a few
 # bytes there (bf16/fp16 builds spill nothing). Bounded so they cannot grow unnoticed.
 FP32_WIDE_SPILL = {("_attention_bwd_dq", 90): 16, ("_attention_bwd_dkdv", 80): 28}
+# bf16/fp16 on sm_90a: every kernel on wgmma up to D = 128. Above, every tile with the 64 rows a
+# warp group's wgmma needs spills in the backward (measured: hundreds of bytes at D = 160), so
+# those builds stay on mma.sync.
+WGMMA_MAX_HEAD_DIM = 128
 
 
 @pytest.mark.slow
@@ -412,6 +418,8 @@ def test_aot_compiles_without_spills_on_tensor_cores(aot):
         allowed = FP32_WIDE_SPILL.get((job.kernel, job.arch), 0) if wide_fp32_all else 0
         assert max(s.spill_stores, s.spill_loads) <= allowed, f"{what} spills:\n{report}"
         assert s.tensor_core, f"{what}: no HMMA/HGMMA:\n{report}"
+        if s.arch == "sm_90a" and job.signature["Q"] == "*bf16" and job.constexprs["D"] <= WGMMA_MAX_HEAD_DIM:
+            assert "HGMMA" in s.mma, f"{what}: mma.sync ({s.mma}), not wgmma:\n{report}"
 
 
 # ----------------------------------------------------------------------------------------------
