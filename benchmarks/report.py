@@ -221,8 +221,10 @@ def loss_kernels_table(data: dict) -> str:
                      f"{(r['kernel_flops'] + r['launcher_flops']) / n:,.0f}", f"{r['eager_flops'] / n:,.0f}"])
     tiles = ", ".join(f"{name} {' '.join(f'{a}={b}' for a, b in t.items())}" for name, t in k["tiles"].items())
     return (f"{k['shape']} (the interpreter runs the GPU's tiles: {tiles}). Bytes: the kernels' loads and stores "
-            "with the weight read once per launch (it stays in L2), plus the launcher's PyTorch ops; *requested* "
-            "counts every re-read of the weight. FLOPs: every tl.dot, padding included. The math needs 2 N V d "
+            "with the weight read once per launch (it stays in L2) but every other re-read a matmul tile makes "
+            "counted (d u and h, once per output tile), plus the launcher's PyTorch ops; *requested* counts the "
+            "weight's re-reads too. Eager's count reads each aten op's inputs once, so it leaves its matmuls' "
+            "re-reads out. FLOPs: every tl.dot, padding included. The math needs 2 N V d "
             "forward and 6 N V d backward (the logits recomputed, then d hidden and d weight); eager keeps the "
             "logits and does 4 N V d. Per token:\n\n"
             + _table(["pass", "unavoidable B", "Triton B", "Triton requested B", "eager B", "Triton / eager",
