@@ -129,7 +129,7 @@ def pytest_options() -> list[str]:
     per-test time limit when pytest-timeout is (a hung kernel fails its test, not the whole check)."""
     opts = []
     if importlib.util.find_spec("xdist"):
-        opts += ["-n", str(max(1, min(8, (os.cpu_count() or 2) - 2)))]
+        opts += ["-n", str(max(1, min(14, (os.cpu_count() or 2) - 2)))]
     if importlib.util.find_spec("pytest_timeout"):
         opts += [f"--timeout={TEST_TIMEOUT}"]
     return opts
