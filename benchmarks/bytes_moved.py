@@ -491,7 +491,7 @@ def gpu_tiles():
     tiles = flce.tiles
     flce.tiles = lambda dtype, interpreting=False: tiles(dtype)
     try:
-        yield tiles(ops.TRAINING_DTYPE)
+        yield
     finally:
         flce.tiles = tiles
 
@@ -504,8 +504,11 @@ def loss_kernels(shape: ops.Shape, dtype=torch.float32, param_dtype=None) -> dic
     param_dtype = param_dtype or dtype
     inputs = ops.make_inputs(case, shape, dtype, "cpu", 0, param_dtype)
     eager = count_passes(ops.reference_fn(case.op), inputs, triton=False)
-    with gpu_tiles() as tiles:
+    with gpu_tiles():
         kernel = count_passes(ops.PUBLIC[case.op], inputs, triton=True)
+    # The tiles as launched: each kernel's BLOCK_* constexprs.
+    tiles = {launch.kernel: {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")}
+             for p in kernel.values() for launch in p.launches}
     need = ops.unavoidable_bytes(case, shape, dtype, param_dtype)
     math_flops = 2 * shape.tokens * shape.vocab * shape.d
     out = {"shape": case.shape_label(shape, dtype, param_dtype), "tokens": shape.tokens, "tiles": tiles, "passes": {}}

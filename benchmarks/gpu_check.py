@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ TEST_FILES = ("tests/test_kernels_ln_family.py", "tests/test_kernels_fused_atten
 # Tests of what only the CPU path does, in suites that do not skip them on CUDA themselves: an
 # out-of-range target there is a device assert, which would end the child's CUDA context.
 CPU_ONLY = ("tests/test_kernels_fused_linear_cross_entropy.py::test_bad_input_is_a_clear_error",)
+STEPS = ("tests", "equivalence", "microbench", "memory")
 QUICK_RECIPES = ("gpt2", "stable", "qk-norm-cap", "qkv-norm")
 # Full microbenchmark sweep: GPT-2 small's width (the results page's projection) at two lengths and head widths.
 FULL_SWEEP = ["--T", "1024", "4096", "--d", "768", "--D", "64", "128"]
@@ -55,20 +57,16 @@ MEMORY_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_si
 MEMORY_BATCH = 8
 TEST_TIMEOUT = 300  # seconds per test
 SUITE_TIMEOUT = 1200  # seconds per test file
-
-
-def _text(out) -> str:
-    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+MICROBENCH_TIMEOUT = 1800
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="fast tests only, four recipes, one shape per op (about 2 minutes)")
+                   help="fast tests only, four recipes, one shape per op")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/gpu for a full run, "
                                             "runs/benchmarks/gpu_check for a quick or partial one)")
-    p.add_argument("--steps", nargs="+", choices=("tests", "equivalence", "microbench", "memory"),
-                   default=["tests", "equivalence", "microbench", "memory"], help="run only these steps")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
     p.add_argument("--summarise", type=Path, metavar="FOLDER",
                    help="run nothing: rewrite the README's gpu-check block from the run stored in FOLDER")
     args = p.parse_args(argv)
@@ -80,7 +78,7 @@ def parse_args(argv=None):
 
 def is_full(data: dict) -> bool:
     """A full run: every step, not --quick (only those feed the results page)."""
-    return not data.get("quick", True) and set(data.get("steps", {})) == {"tests", "equivalence", "microbench", "memory"}
+    return not data.get("quick", True) and set(data.get("steps", {})) == set(STEPS)
 
 
 def measured_rows(folder: Path = GPU_RESULTS) -> tuple[list[dict], dict]:
@@ -135,6 +133,20 @@ def pytest_options() -> list[str]:
     return opts
 
 
+def run_child(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """cmd in its own process group, all of it killed past `timeout` (pytest-xdist workers too, so
+    a hung kernel does not hold the GPU through the later steps); returncode "timeout" then."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, "timeout", out, err + f"\nkilled after {timeout:.0f} s")
+
+
 def run_tests(out: Path, quick: bool) -> dict:
     """Each suite in its own child: a device assert ends a process's CUDA context, and with it
     every later test in that process."""
@@ -142,14 +154,14 @@ def run_tests(out: Path, quick: bool) -> dict:
     total = {"ok": True, "passed": 0, "failed": 0, "skipped": 0, "failures": [], "files": {}}
     for path in TEST_FILES:
         xml = out / f"tests-{Path(path).stem}.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", path,
+        fresh = xml.with_name(f".{xml.name}.tmp")  # never a previous run's counts; the old file stays whole
+        fresh.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={fresh}", path,
                "-m", "not slow" if quick else "slow or not slow", *(f"--deselect={t}" for t in CPU_ONLY), *pytest_options()]
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=SUITE_TIMEOUT)
-        except subprocess.TimeoutExpired as exc:
-            proc = subprocess.CompletedProcess(cmd, "timeout", _text(exc.stdout), _text(exc.stderr) +
-                                               f"\nthe suite did not finish within {SUITE_TIMEOUT} s")
-        summary = junit_summary(xml)
+        proc = run_child(cmd, SUITE_TIMEOUT)
+        summary = junit_summary(fresh)
+        if fresh.exists():
+            os.replace(fresh, xml)
         total["files"][path] = {"returncode": proc.returncode, **summary,
                                 "tail": "" if proc.returncode == 0 else proc.stdout[-3000:] + proc.stderr[-2000:]}
         total["ok"] &= proc.returncode == 0 and summary["failed"] == 0
@@ -160,12 +172,18 @@ def run_tests(out: Path, quick: bool) -> dict:
 
 
 def run_microbench(out: Path, quick: bool) -> dict:
-    csv = out / "microbench.csv"
+    """benchmarks.microbench in a child, into a scratch folder (a run with a chosen sweep is partial
+    to it); the CSV then replaces out/microbench.csv whole."""
+    scratch = results.SCRATCH / "gpu_check-microbench"
+    csv = scratch / "microbench.csv"
+    csv.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.microbench", "--device", "cuda", "--csv", str(csv), "--no-report",
            *(["--quick"] if quick else FULL_SWEEP)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    rows = results.read(csv)
+    proc = run_child(cmd, MICROBENCH_TIMEOUT)
+    rows = results.read(csv) if csv.exists() else []
+    if rows:
+        results.write(out / "microbench.csv", rows)
     errors = [f"{r['op']} {r['provider']} {r['mode']} {r['shape']}: {r['note']}" for r in rows
               if r["metric"] == "time" and r["note"].startswith("error")]
     return {"ok": proc.returncode == 0 and not errors, "returncode": proc.returncode,
@@ -236,18 +254,34 @@ def _ms(rows: dict, key) -> str:
     return f"{rows[key]:.3g}" if key in rows else "—"
 
 
+def git_commit() -> str | None:
+    """HEAD's short hash, "+changes" when the tree differs from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def summary(folder: Path) -> str:
     """Markdown of one stored GPU run (gpu_check.json and microbench.csv in `folder`): the README's
     gpu-check block, written by --summarise."""
     data = json.loads((folder / "gpu_check.json").read_text())
     steps = data["steps"]
-    missing = [s for s in ("tests", "equivalence", "microbench", "memory") if s not in steps]
+    missing = [s for s in STEPS if s not in steps]
     rel = folder.resolve()
     rel = rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel
-    lines = [f"Last GPU run: {data['device']}, {data['timestamp'][:10]} ({data['versions']}); stored in "
-             f"[{rel}]({rel}/)" + (f", a partial run (not recorded there: {', '.join(missing)}; "
-                                    f"see that folder's README)." if missing or not is_full(data) else "."),
-             "", "Time per step: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in steps.items() if "seconds" in v) + ".", ""]
+    kind = "a quick run" if data.get("quick") else "a partial run" if missing else "a full run"
+    commit = f", code at {data['commit']}" if data.get("commit") else ""
+    lines = [f"Last GPU run: {data['device']}, {data['timestamp'][:10]} ({data['versions']}{commit}); {kind}, stored "
+             f"in [{rel}]({rel}/)" + (f"; steps its gpu_check.json does not record: {', '.join(missing)} (see that "
+                                      f"folder's README)." if missing else "."),
+             "", "Time per step: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in steps.items() if "seconds" in v) + ".",
+             ""]
+    lines += [f"- **{k}:** failed: {v['error']}" for k, v in steps.items() if "error" in v]
+    steps = {k: v for k, v in steps.items() if "error" not in v}
     if "tests" in steps:
         t = steps["tests"]
         lines.append(f"- **Tests on compiled kernels:** {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
@@ -301,7 +335,7 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = {"device": results.device_name("cuda"), "versions": results.versions(), "timestamp": results.now(),
-            "quick": args.quick, "steps": {}}
+            "commit": git_commit(), "quick": args.quick, "steps": {}}
     steps = {"tests": lambda: run_tests(out, args.quick), "equivalence": lambda: run_equivalence(recipes),
              "microbench": lambda: run_microbench(out, args.quick), "memory": lambda: run_memory(recipes)}
     for name in args.steps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 from pathlib import Path
 
@@ -47,15 +48,27 @@ def row(op, provider, mode, shape, metric, unit, p50=None, p20=None, p80=None, *
 
 
 def append(path: Path, rows: list[dict]) -> None:
-    """Append rows (header first when the file is new)."""
+    """Append rows (header first when the file is new); atomically, so a crash leaves the old file."""
+    old = path.read_text() if path.exists() else ""
+    _write(path, old, rows, header=not old)
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    """Replace the file with these rows, atomically."""
+    _write(path, "", rows, header=True)
+
+
+def _write(path: Path, head: str, rows: list[dict], header: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(head)
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
+        if header:
             writer.writeheader()
         for r in rows:
             writer.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    os.replace(tmp, path)
 
 
 def _fmt(value) -> str:
@@ -99,10 +112,11 @@ def parse_shape(label: str) -> dict:
 
 def output_folder(parser, committed: Path, out: Path | None, partial: bool, name: str) -> Path:
     """The folder a benchmark command writes: the committed results only for a full run. A quick or
-    partial run goes to runs/benchmarks/NAME (or --out), and may not name the committed folder."""
+    partial run goes to runs/benchmarks/NAME (or --out), never into a committed results folder
+    (this command's, or anything under benchmarks/results)."""
     if out is None:
         return SCRATCH / name if partial else committed
-    if partial and Path(out).resolve() == committed.resolve():
-        parser.error(f"--out {out}: a quick or partial run never writes the committed results; "
+    if partial and any(Path(out).resolve().is_relative_to(c.resolve()) for c in (committed, RESULTS)):
+        parser.error(f"--out {out}: a quick or partial run never writes into the committed results; "
                      f"leave --out unset (it writes {SCRATCH / name}) or run the full benchmark")
     return Path(out)

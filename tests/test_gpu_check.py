@@ -3,6 +3,8 @@ measured columns, and the device switch the CUDA test run uses (on the meta devi
 
 import json
 import subprocess
+import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,10 @@ def test_only_a_full_run_writes_to_the_results_folder(tmp_path):
             gpu_check.parse_args([*partial, "--out", str(gpu_check.GPU_RESULTS)])
         assert exc.value.code == 2
     assert gpu_check.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
+    for inside in (gpu_check.GPU_RESULTS / "2026-12-04-nvidia-h200", results.RESULTS):  # nor any committed folder
+        with pytest.raises(SystemExit) as exc:
+            gpu_check.parse_args(["--quick", "--out", str(inside)])
+        assert exc.value.code == 2
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--steps", "nonsense"])
 
@@ -109,28 +115,41 @@ def test_test_device_switch_moves_factory_results_and_keeps_their_values():
 
 def test_each_suite_runs_in_its_own_child_on_cuda(monkeypatch, tmp_path):
     calls = []
+    # A previous run's file: a suite that writes none (killed) must not count it.
+    (tmp_path / "tests-test_model_triton.xml").write_text('<testsuite><testcase classname="old" name="x"/></testsuite>')
 
-    def fake_run(cmd, cwd, env, capture_output, text, timeout):
-        calls.append((cmd, env))
+    def fake_run(cmd, timeout):
+        calls.append(cmd)
         xml = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
         if "model_triton" in xml:
-            raise subprocess.TimeoutExpired(cmd, timeout, output=b"partial")
+            return subprocess.CompletedProcess(cmd, "timeout", "partial", "killed after 1200 s")
         failed = "<failure/>" if "fused_attention" in xml else ""
         Path(xml).write_text(f'<testsuite><testcase classname="c" name="a"/><testcase classname="c" name="b">{failed}'
                              '</testcase></testsuite>')
         return subprocess.CompletedProcess(cmd, 1 if failed else 0, "out", "err")
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_check, "run_child", fake_run)
     got = gpu_check.run_tests(tmp_path, quick=True)
-    assert [c[0][7] for c in calls] == list(gpu_check.TEST_FILES)
-    for cmd, env in calls:
-        assert "TRITON_INTERPRET" not in env and env["STABLEBLOCKS_TEST_DEVICE"] == "cuda"
+    assert [c[7] for c in calls] == list(gpu_check.TEST_FILES)
+    for cmd in calls:
         assert cmd[cmd.index("not slow") - 1] == "-m" and "slow or not slow" not in cmd
         assert {f"--deselect={t}" for t in gpu_check.CPU_ONLY} <= set(cmd)
     assert not got["ok"] and got["passed"] == 2 * (len(calls) - 1) - 1 and got["failures"] == ["c::b"]
     hung = got["files"]["tests/test_model_triton.py"]
-    assert hung["returncode"] == "timeout" and "did not finish" in hung["tail"] and "partial" in hung["tail"]
+    assert hung["returncode"] == "timeout" and hung["passed"] == 0 and "killed" in hung["tail"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"tests-{Path(f).stem}.xml" for f in gpu_check.TEST_FILES)
+
+
+def test_a_child_past_its_time_is_killed_with_its_workers(tmp_path):
+    marker = tmp_path / "grandchild-alive"
+    worker = tmp_path / "worker.py"  # like a pytest-xdist worker: a child of the child
+    worker.write_text(f"import pathlib, time\ntime.sleep(3)\npathlib.Path({str(marker)!r}).touch()\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(worker)!r}])\ntime.sleep(60)\n")
+    proc = gpu_check.run_child([sys.executable, str(parent)], timeout=1)
+    assert proc.returncode == "timeout" and "killed after 1 s" in proc.stderr
+    time.sleep(4)
+    assert not marker.exists(), "the child's own child outlived the kill"
 
 
 def test_the_child_uses_workers_and_a_time_limit_when_their_plugins_are_installed(monkeypatch):
@@ -149,12 +168,13 @@ def test_the_cpu_only_tests_named_exist():
         assert f"def {name}(" in (root / path).read_text(), node
 
 
-def test_the_readme_block_is_the_summary_of_the_stored_run():
+def test_the_readme_block_is_the_summary_of_the_newest_stored_run():
     readme = Path(gpu_check.ROOT, "README.md").read_text()
-    folders = sorted(p.parent for p in gpu_check.GPU_RESULTS.glob("*/gpu_check.json"))
-    assert folders, "no stored GPU run"
-    blocks = {f: f"<!-- gpu-check:begin -->\n{gpu_check.summary(f)}<!-- gpu-check:end -->" for f in folders}
-    assert any(b in readme for b in blocks.values()), "README's gpu-check block matches no stored run"
+    runs = [p.parent for p in [gpu_check.GPU_RESULTS / "gpu_check.json", *gpu_check.GPU_RESULTS.glob("*/gpu_check.json")]
+            if p.exists()]
+    assert runs, "no stored GPU run"
+    newest = max(runs, key=lambda f: json.loads((f / "gpu_check.json").read_text())["timestamp"])
+    assert f"<!-- gpu-check:begin -->\n{gpu_check.summary(newest)}<!-- gpu-check:end -->" in readme
 
 
 def test_summary_counts_and_flags_a_partial_run(tmp_path):
@@ -168,7 +188,7 @@ def test_summary_counts_and_flags_a_partial_run(tmp_path):
     gpu_check.write_json(folder / "gpu_check.json", data)
     text = gpu_check.summary(folder)
     assert "7 passed, 1 failed, 2 skipped (failed: `t::bad`)" in text and "Time per step: tests 12 s." in text
-    assert "partial run (not recorded there: equivalence" in text and "Model equivalence" not in text
+    assert "a partial run" in text and "does not record: equivalence" in text and "Model equivalence" not in text
     assert "| `gpt2` | 2.00 | 1.00 | 0.50 |" in text
     # Only forward+backward rows are tabulated; the sample has forward rows only.
     assert "Forward + backward" not in text
