@@ -93,7 +93,7 @@ def _launcher_in_sight(fake: bool):
     patches = [mock.patch.object(tri, "fused_linear_cross_entropy_bwd", tri.fused_linear_cross_entropy_bwd._init_fn)]
     if fake:  # the GPU's tiles (they set the d u chunk), without launching anything
         tiles = tri.tiles
-        patches += [mock.patch.object(tri, name, _NoLaunch()) for name in ("_flce_bwd_logits", "_flce_matmul")]
+        patches += [mock.patch.object(tri, name, _NoLaunch()) for name in ("_linear_cross_entropy_bwd_logits", "_linear_cross_entropy_matmul")]
         patches += [mock.patch.object(backend, "interpreting", lambda: True),
                     mock.patch.object(tri, "tiles", lambda dtype, interpreting=False: tiles(dtype))]
     with contextlib.ExitStack() as stack:

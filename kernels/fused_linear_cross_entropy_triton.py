@@ -57,7 +57,7 @@ def _logit_tile(H, W, Bias, row, row_ok, col, col_ok, stride_h, width, softcap,
 
 
 @triton.jit
-def _flce_fwd(
+def _linear_cross_entropy_fwd(
     H,  # *(n_rows, width) hidden states, unit column stride
     W,  # *(vocab, width) weight, contiguous, any float dtype (cast to H's)
     Bias,  # *(vocab,) ignored unless HAS_BIAS
@@ -108,7 +108,7 @@ def _flce_fwd(
 
 
 @triton.jit
-def _flce_bwd_logits(
+def _linear_cross_entropy_bwd_logits(
     H,  # *(n_rows, width) hidden states of this chunk, unit column stride
     W,  # *(vocab, width) weight, contiguous
     Bias,  # *(vocab,) ignored unless HAS_BIAS
@@ -154,7 +154,7 @@ def _flce_bwd_logits(
 
 
 @triton.jit
-def _flce_matmul(
+def _linear_cross_entropy_matmul(
     A,  # *(M, K) by its strides
     B,  # *(K, N) by its strides; cast to A's dtype
     C,  # *(M, N) output, contiguous; fp32 when ACCUMULATE
@@ -223,7 +223,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _flce_matmul[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    _linear_cross_entropy_matmul[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        ACCUMULATE=int(accumulate), DOT_UPCAST=_upcast(a), num_warps=warps, **cfg)
 
 
@@ -247,7 +247,7 @@ def fused_linear_cross_entropy_fwd(
         weight = weight.contiguous()
         cfg = dict(tiles(hidden.dtype, backend.interpreting())["fwd"])
         warps = cfg.pop("num_warps")
-        _flce_fwd[(triton.cdiv(n_rows, cfg["BLOCK_N"]),)](
+        _linear_cross_entropy_fwd[(triton.cdiv(n_rows, cfg["BLOCK_N"]),)](
             hidden, weight, weight if bias is None else bias.contiguous(), targets, loss, lse, umax,
             hidden.stride(0), n_rows, vocab, width, ignore_index, 1.0 if softcap is None else softcap, z_loss,
             HAS_BIAS=int(bias is not None), SOFTCAP=int(softcap is not None), DOT_UPCAST=_upcast(hidden),
@@ -285,7 +285,8 @@ def fused_linear_cross_entropy_bwd(
     for start in range(0, n_rows, rows):
         end = min(start + rows, n_rows)
         h, dz = hidden[start:end], du[:end - start]
-        _flce_bwd_logits[(triton.cdiv(end - start, logits["BLOCK_N"]), triton.cdiv(vocab, logits["BLOCK_V"]))](
+        grid = (triton.cdiv(end - start, logits["BLOCK_N"]), triton.cdiv(vocab, logits["BLOCK_V"]))
+        _linear_cross_entropy_bwd_logits[grid](
             h, weight, weight if bias is None else bias.contiguous(), targets[start:end], lse[start:end],
             g[start:end], dz, hidden.stride(0), padded, end - start, vocab, width, ignore_index,
             1.0 if softcap is None else softcap, z_loss, HAS_BIAS=int(bias is not None),
@@ -343,13 +344,13 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90), width=76
         common = {"H": f"*{ty}", "W": "*fp32", "Bias": "*fp32", "T": "*i64"}
         scalars = {"stride_h": "i32", "n_rows": "i32", "vocab": "i32", "width": "i32", "ignore_index": "i32",
                    "softcap": "fp32", "z_loss": "fp32"}
-        sigs = {"_flce_fwd": {**common, "LOSS": "*fp32", "LSE": "*fp32", "UMAX": "*fp32", **scalars},
-                "_flce_bwd_logits": {**common, "LSE": "*fp32", "G": "*fp32", "DU": f"*{ty}", **scalars,
-                                     "stride_du": "i32"}}
+        sigs = {"_linear_cross_entropy_fwd": {**common, "LOSS": "*fp32", "LSE": "*fp32", "UMAX": "*fp32", **scalars},
+                "_linear_cross_entropy_bwd_logits": {**common, "LSE": "*fp32", "G": "*fp32", "DU": f"*{ty}", **scalars,
+                                                     "stride_du": "i32"}}
         aligned = ["stride_h", "width", "stride_du"]
         for arch in archs:
             for kernel, sig in sigs.items():
-                tile = dict(cfg[kernel.removeprefix("_flce_")])
+                tile = dict(cfg[kernel.removeprefix("_linear_cross_entropy_")])
                 warps = tile.pop("num_warps")
                 jobs.append(CompileJob(__name__, kernel, sig, {**tile, "HAS_BIAS": 1, "SOFTCAP": 1, "DOT_UPCAST": 0},
                                        arch, warps, divisible_by_16=[*(k for k in sig if sig[k][0] == "*"),
@@ -362,7 +363,7 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float32), archs=(80, 90), width=76
                                                    (f"*{ty}", "*fp32", 1, "stride_am", ("stride_ak", "stride_bk"))):
                 sig = {"A": f"*{ty}", "B": b_ty, "C": c_ty, "M": "i32", "N": "i32", "K": "i32",
                        **{name: "i32" for name in strides}}
-                jobs.append(CompileJob(__name__, "_flce_matmul", sig, {**tile, unit: 1, "stride_bn": 1,
+                jobs.append(CompileJob(__name__, "_linear_cross_entropy_matmul", sig, {**tile, unit: 1, "stride_bn": 1,
                                                                       "ACCUMULATE": acc, "DOT_UPCAST": 0},
                                        arch, warps, divisible_by_16=["A", "B", "C", "N", *strides]))
     return jobs

@@ -15,6 +15,13 @@ import math
 from pathlib import Path
 
 
+def _save(fig, path: Path) -> None:
+    """Written whole or not at all: a crash mid-write leaves the previous plot."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
 def read_run(run_dir: str | Path) -> tuple[str, list[dict]]:
     """(label, metric rows) of a run folder written by `stableblocks train`."""
     run_dir = Path(run_dir)
@@ -69,7 +76,7 @@ def plot_runs(run_dirs, out_dir: str | Path | None = None) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=100)
+        _save(fig, path)
         return path
 
     paths = []
@@ -83,7 +90,7 @@ def plot_runs(run_dirs, out_dir: str | Path | None = None) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(out / "loss.png")
-    fig.savefig(paths[-1], dpi=100)
+    _save(fig, paths[-1])
 
     paths.append(figure("grad_norm", [("global gradient norm", "grad_norm", None, True)]))
     paths.append(figure("tev", [("TEV: mean over tokens of std of embedding row", "tev_mean", None, False),

@@ -118,8 +118,8 @@ def test_loss_kernels_count_the_math_and_the_padding(shape, padded):
     k = bytes_moved.loss_kernels(shape, torch.bfloat16, torch.float32)
     from stableblocks.kernels.fused_linear_cross_entropy_triton import tiles
     gpu = tiles(torch.bfloat16)  # launched with the GPU's tiles, not the interpreter's
-    assert k["tiles"]["_flce_fwd"]["BLOCK_V"] == gpu["fwd"]["BLOCK_V"] != tiles(torch.bfloat16, True)["fwd"]["BLOCK_V"]
-    assert k["tiles"]["_flce_matmul"]["BLOCK_M"] == gpu["matmul"]["BLOCK_M"]
+    assert k["tiles"]["_linear_cross_entropy_fwd"]["BLOCK_V"] == gpu["fwd"]["BLOCK_V"] != tiles(torch.bfloat16, True)["fwd"]["BLOCK_V"]
+    assert k["tiles"]["_linear_cross_entropy_matmul"]["BLOCK_M"] == gpu["matmul"]["BLOCK_M"]
     fwd, bwd = k["passes"]["forward"], k["passes"]["backward"]
     nvd = shape.tokens * shape.vocab * shape.d
     assert (fwd["math_flops"], bwd["math_flops"]) == (2 * nvd, 6 * nvd)
@@ -128,7 +128,7 @@ def test_loss_kernels_count_the_math_and_the_padding(shape, padded):
         assert (r["kernel_flops"] > r["math_flops"]) if padded else (r["kernel_flops"] == r["math_flops"])
         assert r["kernel_modeled"] + r["launcher_bytes"] >= r["unavoidable_bytes"]
         assert r["kernel_requested"] >= r["kernel_modeled"]
-    assert fwd["launches"] == ["_flce_fwd"] and set(bwd["launches"]) == {"_flce_bwd_logits", "_flce_matmul"}
+    assert fwd["launches"] == ["_linear_cross_entropy_fwd"] and set(bwd["launches"]) == {"_linear_cross_entropy_bwd_logits", "_linear_cross_entropy_matmul"}
 
 
 # --- the dispatcher counter ------------------------------------------------------------------------

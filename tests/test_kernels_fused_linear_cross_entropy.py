@@ -269,7 +269,7 @@ def test_compile_fullgraph_matches_eager_with_ignore_index(which):
 @pytest.mark.slow
 def test_aot_compiles_without_spills_on_tensor_cores(aot):
     jobs = flce_triton.aot_configs()
-    assert {(j.kernel, j.arch) for j in jobs} == {(k, a) for k in ("_flce_fwd", "_flce_bwd_logits", "_flce_matmul")
+    assert {(j.kernel, j.arch) for j in jobs} == {(k, a) for k in ("_linear_cross_entropy_fwd", "_linear_cross_entropy_bwd_logits", "_linear_cross_entropy_matmul")
                                                   for a in (80, 90)}
     stats = aot.compile_jobs_in_subprocess(jobs)
     report = aot.format_report(stats)

@@ -25,13 +25,16 @@ def fake_run(path, recipe: str, blowup: float) -> None:
 
 
 def _capture_lines(monkeypatch) -> dict:
-    """PNG name -> [(panel title, line label, points)] of every figure plot.py saves."""
+    """PNG name -> [(panel title, line label, points)] of every figure plot.py saves (written to
+    .NAME.tmp.png, then renamed)."""
     from matplotlib.figure import Figure
 
     drawn, save = {}, Figure.savefig
 
     def savefig(fig, path, *args, **kwargs):
-        drawn[Path(path).name] = [(ax.get_title(), line.get_label(), len(line.get_xdata()))
+        name = Path(path).name
+        final = name[1:].replace(".tmp.", ".") if name.startswith(".") else name
+        drawn[final] = [(ax.get_title(), line.get_label(), len(line.get_xdata()))
                                   for ax in fig.axes for line in ax.get_lines()]
         return save(fig, path, *args, **kwargs)
 

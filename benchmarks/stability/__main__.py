@@ -73,6 +73,13 @@ QUICK = Setup(variants=["vanilla", "embed-ln"], lrs=[3e-3, 1e-1], seeds=[0], ste
               n_embd=64, seq_len=64, batch_size=8, init_layers=6, init_width=64)
 
 
+def _save(fig, path: Path) -> None:
+    """Written whole or not at all: a crash mid-write leaves the previous plot."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
 def train_one(label: str, lr: float, seed: int, setup: Setup, out: Path) -> dict:
     """One training run through the training command's own loop; returns its summary row."""
     import torch
@@ -172,7 +179,7 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss", title="Loss vs learning rate (missing = diverged)")
     ax.legend(fontsize=7)
     paths.append(out / "loss_vs_lr.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    _save(fig, paths[-1])
 
     def trace(row, key):
         steps, vals = [], []
@@ -192,7 +199,7 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
     ax.set(yscale="log", xlabel="step", ylabel="gradient norm", title="Gradient norm at each variant's highest stable lr")
     ax.legend(fontsize=7)
     paths.append(out / "grad_norm_traces.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    _save(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for o in init:
@@ -200,7 +207,7 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
     ax.set(yscale="log", xlabel="layer", ylabel="gradient norm at init", title="Per-layer gradient norm at initialisation")
     ax.legend(fontsize=7)
     paths.append(out / "grad_norm_at_init.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    _save(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(8, 5))
     high = max(setup.lrs)
@@ -210,7 +217,7 @@ def plot(table: list[dict], rows: list[dict], init: list[dict], setup: Setup, ou
     ax.set(yscale="log", xlabel="step", ylabel="max |raw attention logit| (any layer)", title=f"Attention-logit growth at lr {high:g}")
     ax.legend(fontsize=7)
     paths.append(out / "attn_logit_growth.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    _save(fig, paths[-1])
     plt.close("all")
     return paths
 
