@@ -26,7 +26,6 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import activation_memory, bytes_moved, compile_report, loss_memory, ops, report, results, throughput  # noqa: E402

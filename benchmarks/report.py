@@ -9,8 +9,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from . import ops, results
 
 README = Path(__file__).resolve().parents[1] / "README.md"

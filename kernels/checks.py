@@ -54,6 +54,12 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
 
 
+def check_finite(name: str, value) -> None:
+    """A finite float (a scale factor)."""
+    if not _real(value):
+        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+
+
 def check_positive(name: str, value, optional: bool = True) -> None:
     """A finite float > 0 (or None when optional): a logit scale or a soft-cap."""
     if value is None and optional:

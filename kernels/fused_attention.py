@@ -18,6 +18,7 @@ from . import layer_norm as _ln
 from .backend import use_triton
 from .checks import attention_limits, check_eps, check_float, check_norm_params, check_positive, check_same_device
 
+
 def _norm(t: torch.Tensor, params, eps: float) -> torch.Tensor:
     # q, k, v are strided views of the QKV projection: the LayerNorm would copy the view to a
     # contiguous block in forward and again in backward; one copy, which it keeps, serves both.

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .checks import ATTENTION_HEAD_DIMS as HEAD_DIMS  # noqa: F401  (the widths it takes)
 from .ln_common import check_runnable, launched, normalize, normalize_backward
 
 
@@ -575,8 +574,9 @@ def _norm_args(weight, bias, like: torch.Tensor):
 
 
 def _flags(q, causal, softcap, q_weight, k_weight, v_weight) -> dict:
-    return dict(CAUSAL=int(causal), SOFTCAP=int(softcap is not None), Q_NORM=int(q_weight is not None),
-                K_NORM=int(k_weight is not None), V_NORM=int(v_weight is not None),
+    """The constexprs every attention kernel takes, derived from its inputs."""
+    return dict(BLOCK_D=triton.next_power_of_2(q.shape[-1]), CAUSAL=int(causal), SOFTCAP=int(softcap is not None),
+                Q_NORM=int(q_weight is not None), K_NORM=int(k_weight is not None), V_NORM=int(v_weight is not None),
                 DOT_UPCAST=int(q.dtype == torch.bfloat16 and not q.is_cuda))
 
 
@@ -624,8 +624,8 @@ def fused_attention_fwd(
         *_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q),
         o, o_res if o_res.numel() else o, lse, part if max_logit else lse, *_bhts(q), *_bhts(k), *_bhts(v), *_bhts(o), T, H,
         float(scale), float(softcap or 1.0), float(eps),
-        D=D, BLOCK_D=triton.next_power_of_2(D), **_flags(q, causal, softcap, q_weight, k_weight, v_weight),
-        MAX_LOGIT=int(max_logit), RESIDUAL=int(q.dtype != torch.float32), **cfg,
+        D=D, **_flags(q, causal, softcap, q_weight, k_weight, v_weight),
+        MAX_LOGIT=int(max_logit), RESIDUAL=int(o_res.numel() > 0), **cfg,
     )
     launched("fused_attention_fwd")
     return o, o_res, lse, _head_max(part, H, max_logit)
@@ -656,7 +656,7 @@ def fused_attention_bwd(
     if dq.numel() == 0:
         return dq, dk, dv, dnorm
     blocks = _blocks(q)
-    flags = dict(_flags(q, causal, softcap, q_weight, k_weight, v_weight), BLOCK_D=triton.next_power_of_2(D))
+    flags = _flags(q, causal, softcap, q_weight, k_weight, v_weight)
     norms = (*_norm_args(q_weight, q_bias, q), *_norm_args(k_weight, k_bias, q), *_norm_args(v_weight, v_bias, q))
     scalars = (T, H, float(scale), float(softcap or 1.0), float(eps))
 

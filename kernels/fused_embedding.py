@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from . import layer_norm as _ln
 from .backend import use_triton
-from .checks import check_eps, check_float, check_norm_params, check_same_device, kernel_limits
+from .checks import check_eps, check_finite, check_float, check_norm_params, check_same_device, kernel_limits
 
 
 def reference(
@@ -62,8 +60,7 @@ def fused_embedding(
             raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds the {wpe.shape[0]} position embeddings")
     check_norm_params("ln", ln_weight, ln_bias, d)
     check_eps(eps)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+    check_finite("scale", scale)
     check_same_device("wte", wte, idx=idx, wpe=wpe, ln_weight=ln_weight, ln_bias=ln_bias)
     # Token ids are range-checked inside the op (see there).
     if use_triton("fused_embedding", wte, kernel_limits("wte", wte)):
