@@ -145,7 +145,7 @@ def test_fp32_norm_weights_with_half_activations(triton_backend, dtype):
 
 @pytest.mark.parametrize("D", [64, 40, 96])
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_gpu_tile_shapes(triton_backend, monkeypatch, arch, dtype, D):
     """The tile shapes a GPU launch uses (not the interpreter's 16s), with T crossing their edges:
     GPT-2's D = 64, an odd multiple of 8 and a 128-wide tile (each its own sm_90a backward tiles)."""
