@@ -277,8 +277,15 @@ def _attention_bwd_dkdv_tiles(
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
         delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
-        # Transposed scores (keys x queries), so dk and dv accumulate row by row.
-        s, t = _logits(_dot(k, tl.trans(q), None, DOT_UPCAST), scale, softcap, SOFTCAP)
+        # Transposed scores (keys x queries), so dk and dv accumulate row by row. In fp32 they are
+        # the forward's q k^T transposed, the same sums in the same order: k q^T can round a logit
+        # an ulp apart, and past a cap of 50 (~72 in log2 units) that ulp alone moves p by several
+        # times PyTorch's error, which keeps its forward's p. In bf16/fp16 the inputs' rounding
+        # dwarfs it, and the transpose would cost registers.
+        if k.dtype == tl.float32:
+            s, t = _logits(tl.trans(_dot(q, tl.trans(k), None, DOT_UPCAST)), scale, softcap, SOFTCAP)
+        else:
+            s, t = _logits(_dot(k, tl.trans(q), None, DOT_UPCAST), scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[None, :])
         if MASKED:
             visible = key_in_seq[:, None]
