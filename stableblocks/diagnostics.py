@@ -5,7 +5,7 @@ Every `diag_interval` steps the trainer collects:
 - per-matrix update ratio ||dW|| / ||W|| from a copy of the matrices taken before the step;
 - a probe: one no-grad forward of a single sampled row of the step's batch, in eval mode and
   eager (under --compile too), with forward hooks that record Token Embedding Variability, the
-  per-token L2 norm of the QKV, Proj and FC2 outputs, and the output-logit mean and log Z; and
+  per-token L2 norm of the QKV, Proj and FC2 outputs, and the output logits' mean, largest |value| and log Z; and
   the max raw attention logit per layer (signed max of q k^T / sqrt(D) after QK-norm, before any
   cap, over the causal positions of every head), which the attention op reports itself
   (stableblocks.qk_clip.record_max_logits; on the kernel path no T x T scores are built).
@@ -138,4 +138,5 @@ def probe(model: torch.nn.Module, idx: torch.Tensor, autocast=contextlib.nullcon
     logits = logits.float()
     out["logit_mean"] = logits.mean().item()
     out["log_z"] = torch.logsumexp(logits, dim=-1).mean().item()
+    out["logit_absmax"] = logits.abs().max().item()
     return out

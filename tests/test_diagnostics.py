@@ -86,6 +86,7 @@ def test_probe_reads_the_raw_logit_before_the_cap():
     logits = model(idx)[0]
     assert got["log_z"] == pytest.approx(torch.logsumexp(logits, -1).mean().item(), rel=1e-5)
     assert got["logit_mean"] == pytest.approx(logits.mean().item(), rel=1e-4, abs=1e-7)
+    assert got["logit_absmax"] == pytest.approx(logits.abs().max().item(), rel=1e-5)
     row_std = model.embed.wte.weight.std(dim=1, correction=0)
     assert got["tev_mean"] == pytest.approx(row_std.mean().item()) and got["tev_std"] == pytest.approx(row_std.std(correction=0).item())
     assert not model.embed.wte._forward_hooks and all(not b.attn._forward_hooks for b in model.blocks)  # removed
@@ -119,7 +120,7 @@ def test_diagnostics_are_logged_finite_and_do_not_change_training(tmp_path, cach
     a, b = rows(tmp_path / "with"), rows(tmp_path / "without")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
     for r in a:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tev_mean", "tev_std", "logit_mean", "log_z"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tev_mean", "tev_std", "logit_mean", "logit_absmax", "log_z"):
             assert math.isfinite(r[key]), key
         for key in ("attn_logit_max", "qkv_out_norm", "proj_out_norm", "fc2_out_norm"):
             assert len(r[key]) == 2 and all(math.isfinite(v) and v > 0 for v in r[key]), key

@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from benchmarks.stability.analysis import gradients_at_init, largest_stable_lr, lr_sensitivity
+from benchmarks.stability import plan, report
+from benchmarks.stability.analysis import gradients_at_init, lr_sensitivity, trained, unigram_loss
+from benchmarks.stability.store import Store, StoreError
 
 
 def test_lr_sensitivity_on_a_hand_made_table():
@@ -12,9 +14,6 @@ def test_lr_sensitivity_on_a_hand_made_table():
     losses = {1e-3: 3.0, 3e-3: 2.5, 1e-2: 2.0, 3e-2: math.nan, 1e-1: 9.0}
     assert lr_sensitivity(losses, loss_init=5.5) == pytest.approx((3.0 + 2.5 + 2.0 + 5.5 + 5.5) / 5 - 2.0)
     assert lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}, loss_init=5.5) == 0.0
-    # Divergence is the training command's verdict (a nan loss), not a second rule here.
-    assert largest_stable_lr({1e-3: 3.0, 1e-2: 2.0, 3e-2: math.nan}) == 1e-2
-    assert largest_stable_lr({1e-3: math.inf}) is None
 
 
 def test_embedding_fixes_flatten_gradients_at_init():
@@ -30,17 +29,131 @@ def test_embedding_fixes_flatten_gradients_at_init():
     assert out["scaled-embed"]["residual_std"][0] == pytest.approx(math.sqrt(4 / 5), abs=0.08)
 
 
+# ---------------------------------------------------------------- the plan, on made-up results
+
+SCALE = plan.QUICK
+
+
+def record(spec, loss, diverged=False, spikes=0):
+    return {"key": spec.key(), "spec": {}, "result": {"final_val_loss": loss, "diverged": diverged, "spikes": spikes,
+                                                      "max_grad_norm": 1.0, "max_attn_logit": 5.0}}
+
+
+def results_from(losses: dict) -> dict:
+    """{spec: loss} -> the store's {key: record}; nan = diverged."""
+    return {s.key(): record(s, x, diverged=math.isnan(x)) for s, x in losses.items()}
+
+
+def test_a_run_trains_only_finished_spike_free_and_below_the_threshold():
+    s = plan.spec(SCALE, "vanilla", 1e-2)
+    assert trained(record(s, 2.0), 3.0)
+    assert not trained(record(s, 3.5), 3.0)
+    assert not trained(record(s, math.nan, diverged=True), 3.0)
+    assert not trained(record(s, 2.0, spikes=1), 3.0)
+    # The unigram loss of bytes is below a uniform guess and above what a model learns.
+    assert 2.0 < unigram_loss() < math.log(256)
+
+
+def test_the_key_changes_with_anything_that_changes_the_run(monkeypatch):
+    s = plan.spec(SCALE, "qk-norm", 1e-2)
+    assert s.key() == plan.spec(SCALE, "qk-norm", 1e-2).key()
+    others = [plan.spec(SCALE, "qk-norm", 3e-2), plan.spec(SCALE, "qk-norm", 1e-2, seed=1),
+              plan.spec(SCALE, "qk-norm", 1e-2, grad_clip=0.0), plan.spec(SCALE, "qk-norm", 1e-2, extra={"z_loss": 1e-4}),
+              plan.spec(SCALE, "qk-norm-cap", 1e-2)]
+    key = s.key()
+    assert len({key, *(o.key() for o in others)}) == 6
+    # A recipe whose definition changes gets new keys: its stored runs are not reused.
+    changed = {**plan.RECIPES["qk-norm"][2], "softcap": 30.0}
+    monkeypatch.setitem(plan.RECIPES, "qk-norm", (*plan.RECIPES["qk-norm"][:2], changed))
+    assert s.key() != key
+
+
+def test_the_bracket_extends_toward_the_best_lr_until_it_is_interior():
+    first = plan.bracket(SCALE, {})
+    assert [(s.variant, s.lr) for s in first] == [(v, lr) for v in SCALE.variants for lr in SCALE.start]
+    # vanilla is best at the low edge: one rung below is asked for, then nothing more once interior.
+    curve = {1e-4: 2.5, 3e-4: 2.2, 1e-3: 2.0, 1e-2: 2.1, 1e-1: 2.4}
+    res = results_from({plan.spec(SCALE, v, lr): curve[lr] for v in SCALE.variants for lr in SCALE.start})
+    asked = {(s.variant, s.lr) for s in plan.bracket(SCALE, res)}
+    assert ("vanilla", 3e-4) in asked and ("vanilla", 1e-4) not in asked
+    res.update(results_from({plan.spec(SCALE, v, 3e-4): curve[3e-4] for v in SCALE.variants}))
+    assert {(s.variant, s.lr) for s in plan.bracket(SCALE, res)} == asked  # 3e-4 is worse: 1e-3 is interior now
+    # Best at the top of the ladder: marked as on the edge.
+    res = results_from({plan.spec(SCALE, v, lr): 3.0 - lr for v in SCALE.variants for lr in plan.LADDER[2:]})
+    rows = report.bracket_table(SCALE, report.Runs(res, 3.1))
+    assert all(r["best_lr"] == 1.0 and r["edge"] for r in rows)
+
+
+def test_the_boundary_bisects_between_the_last_rung_that_trains_and_the_first_that_does_not():
+    ok = lambda r: trained(r, 3.0)  # noqa: E731
+    clip_off = [lr for lr in plan.LADDER if lr >= 1e-2]
+    losses = {plan.spec(SCALE, v, lr, grad_clip=c): (2.0 if lr <= 3e-2 else math.nan)
+              for v in SCALE.headline for c in (1.0, 0.0) for lr in (clip_off if not c else [1e-1, 3e-1, 1.0])}
+    res = results_from(losses)
+    mids = [s for s in plan.boundary(SCALE, res, ok) if s.key() not in res]
+    assert {(s.lr, s.grad_clip) for s in mids} == {(0.0548, 0.0)}  # sqrt(0.03 * 0.1), clip off only
+    res.update(results_from({s: 2.0 for s in mids}))  # it trains: the boundary is 0.0548, fails at 0.1
+    assert all(s.key() in res for s in plan.boundary(SCALE, res, ok))  # QUICK bisects once
+    rows = report.boundary_table(SCALE, report.Runs(res, 3.0))
+    assert all(r["noclip"] == (0.0548, 0.1) and r["clip"] == (None, 0.1) for r in rows)
+
+
+def test_the_rule_for_stable():
+    def row(v, score, spread, techniques, speed=1.0):
+        return {"variant": v, "score": score, "spread": spread, "techniques": techniques, "tokens_per_s": speed}
+
+    # Within the spread of the best: a tie, which fewer techniques win.
+    assert report.choose_stable([row("a", 2.00, 0.02, 2), row("b", 2.01, 0.01, 1), row("c", 2.10, 0.02, 0)]) == ("b", ["a", "b"])
+    # Beyond it: the best alone.
+    assert report.choose_stable([row("a", 2.00, 0.005, 2), row("b", 2.02, 0.005, 1)]) == ("a", ["a"])
+    # Equal techniques: the faster one.
+    assert report.choose_stable([row("a", 2.00, 0.02, 1, 10.0), row("b", 2.01, 0.02, 1, 12.0)])[0] == "b"
+    assert report.techniques("vanilla") == 0 and report.techniques("qk-norm-cap") == 2
+    assert report.techniques("embed-ln+qkv-norm") == 2
+
+
+def test_the_store_keeps_every_record_and_detects_damage(tmp_path):
+    store = Store(tmp_path)
+    store.add({"key": "a", "result": {"final_val_loss": math.nan}})
+    store.add({"key": "b", "result": {"final_val_loss": 1.5}})
+    again = Store(tmp_path)
+    assert set(again.records) == {"a", "b"} and math.isnan(again.records["a"]["result"]["final_val_loss"])
+    assert not list(tmp_path.glob(".*tmp"))
+    lines = store.path.read_text().splitlines()
+    store.path.write_text(lines[0] + "\n" + lines[1].replace("1.5", "1.4") + "\n")
+    with pytest.raises(StoreError, match=r"runs.jsonl:2: checksum mismatch"):
+        Store(tmp_path)
+    store.path.write_text(lines[0] + "\n" + lines[1][:20] + "\n")
+    with pytest.raises(StoreError, match=r"runs.jsonl:2: not a JSON record"):
+        Store(tmp_path)
+
+
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path):
-    from benchmarks.stability.__main__ import QUICK, main
+    from benchmarks.stability.__main__ import main
 
-    out = main(["--quick", "--out", str(tmp_path), "--workers", "1"])
-    assert len(out["rows"]) == len(QUICK.variants) * len(QUICK.lrs) * len(QUICK.seeds)
-    assert not any(r["diverged"] for r in out["rows"])  # the divergence rule's default spares healthy runs
-    for t in out["table"]:
-        assert t["best_loss"] < math.log(256)  # every variant learned something
-    for name in ("results.csv", "results.md", "init.json", "loss_vs_lr.png", "grad_norm_traces.png",
-                 "grad_norm_at_init.png", "attn_logit_growth.png"):
+    out = main(["--quick", "--out", str(tmp_path), "--workers", "2"])
+    assert out["complete"]
+    specs = plan.plan(SCALE, out["records"], lambda r: trained(r, unigram_loss()))
+    assert {s.key() for s in specs} == set(out["records"])  # every run of the plan, and nothing else
+    for name in ("results.csv", "results.md", "init.json", "loss_vs_lr.png", "largest_trainable_lr.png",
+                 "attn_logit_growth.png", "output_logits.png", "grad_norm_at_init.png", "runs.jsonl"):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "results.md").read_text()
-    assert all(f"| {v} |" in md for v in QUICK.variants)
+    assert all(f"| {v} |" in md for v in SCALE.variants) and f"The rule picks `{out['stable']}`" in md
+    # A rerun trains nothing: every run is stored under its spec's hash.
+    before = (tmp_path / "runs.jsonl").read_bytes()
+    assert main(["--quick", "--out", str(tmp_path)])["complete"] and (tmp_path / "runs.jsonl").read_bytes() == before
+
+
+def test_a_budget_stops_the_plan_and_a_rerun_continues(tmp_path, capsys):
+    from benchmarks.stability.__main__ import main
+
+    out = main(["--quick", "--out", str(tmp_path), "--workers", "1", "--budget", "0"])
+    assert not out["complete"] and not out["records"]  # nothing starts past the budget
+    assert "run the same command again to continue" in capsys.readouterr().out
+    # A short budget: the runs under way when it ends are stored, the rest are not started.
+    out = main(["--quick", "--out", str(tmp_path), "--workers", "1", "--budget", "0.01"])
+    assert not out["complete"] and 1 <= len(out["records"]) <= 4
+    assert set(Store(tmp_path).records) == set(out["records"])
+    assert not (tmp_path / "results.md").exists()

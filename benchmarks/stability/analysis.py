@@ -17,13 +17,6 @@ def lr_sensitivity(final_losses: dict[float, float], loss_init: float) -> float:
     return sum(clipped) / len(clipped) - min(clipped)
 
 
-def largest_stable_lr(final_losses: dict[float, float]) -> float | None:
-    """The largest lr whose runs did not diverge (None if all did). A diverged run's loss is nan:
-    the training command decided it with its divergence rule (stableblocks.spikes.DivergenceRule)."""
-    ok = [lr for lr, v in final_losses.items() if math.isfinite(v)]
-    return max(ok) if ok else None
-
-
 def gradients_at_init(recipe: str, n_layer: int, n_embd: int, n_head: int, block_size: int = 128,
                       batch_size: int = 8, seed: int = 0) -> dict:
     """Per-layer gradient norm and the std of the residual stream entering each layer, at init,
@@ -40,3 +33,21 @@ def gradients_at_init(recipe: str, n_layer: int, n_embd: int, n_head: int, block
         h.remove()
     grad_norms = [torch.sqrt(sum(p.grad.float().pow(2).sum() for p in b.parameters() if p.grad is not None)).item() for b in model.blocks]
     return {"recipe": recipe, "loss": loss.item(), "grad_norm": grad_norms, "residual_std": stds}
+
+
+def unigram_loss() -> float:
+    """Cross-entropy (nats per byte) of the bundled corpus's validation bytes under its training
+    bytes' frequencies: what a model that ignores all context reaches."""
+    import numpy as np
+
+    corpus = data.load("bundled", "byte")
+    counts = sum(np.bincount(s.tokens(), minlength=256) for s in corpus.train.shards).astype(np.float64) + 1.0
+    val = sum(np.bincount(s.tokens(), minlength=256) for s in corpus.val.shards)
+    return float(-(val * np.log(counts / counts.sum())).sum() / val.sum())
+
+
+def trained(record: dict, threshold: float) -> bool:
+    """A run still trains: it finished (the training command's divergence rule did not stop it),
+    no spike was flagged, and its final validation loss is finite and below `threshold`."""
+    r = record["result"]
+    return not r["diverged"] and r["spikes"] == 0 and math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < threshold
