@@ -1,11 +1,12 @@
 """The stability benchmark's measurements."""
 
+import json
 import math
 
 import pytest
 
 from benchmarks.stability import plan, report
-from benchmarks.stability.analysis import gradients_at_init, lr_sensitivity, trained, unigram_loss
+from benchmarks.stability.analysis import gradients_at_init, lr_sensitivity, threshold, trained, unigram_loss
 from benchmarks.stability.store import Store, StoreError
 
 
@@ -51,7 +52,7 @@ def test_a_run_trains_only_finished_spike_free_and_below_the_threshold():
     assert not trained(record(s, math.nan, diverged=True), 3.0)
     assert not trained(record(s, 2.0, spikes=1), 3.0)
     # The unigram loss of bytes is below a uniform guess and above what a model learns.
-    assert 2.0 < unigram_loss() < math.log(256)
+    assert 2.0 < threshold() < unigram_loss() < math.log(256)
 
 
 def test_the_key_changes_with_anything_that_changes_the_run(monkeypatch):
@@ -78,6 +79,12 @@ def test_the_bracket_extends_toward_the_best_lr_until_it_is_interior():
     assert ("vanilla", 3e-4) in asked and ("vanilla", 1e-4) not in asked
     res.update(results_from({plan.spec(SCALE, v, 3e-4): curve[3e-4] for v in SCALE.variants}))
     assert {(s.variant, s.lr) for s in plan.bracket(SCALE, res)} == asked  # 3e-4 is worse: 1e-3 is interior now
+    # Best at the top of the start grid: extended upward, one rung at a time, up to 1.0.
+    up = {1e-3: 2.6, 1e-2: 2.4, 1e-1: 2.2, 3e-1: 2.1, 1.0: 2.0}
+    res = results_from({plan.spec(SCALE, v, lr): up[lr] for v in SCALE.variants for lr in SCALE.start})
+    assert {s.lr for s in plan.bracket(SCALE, res)} == {*SCALE.start, 3e-1}
+    res.update(results_from({plan.spec(SCALE, v, 3e-1): up[3e-1] for v in SCALE.variants}))
+    assert {s.lr for s in plan.bracket(SCALE, res)} == {*SCALE.start, 3e-1, 1.0}
     # Best at the top of the ladder: marked as on the edge.
     res = results_from({plan.spec(SCALE, v, lr): 3.0 - lr for v in SCALE.variants for lr in plan.LADDER[2:]})
     rows = report.bracket_table(SCALE, report.Runs(res, 3.1))
@@ -96,6 +103,9 @@ def test_the_boundary_bisects_between_the_last_rung_that_trains_and_the_first_th
     assert all(s.key() in res for s in plan.boundary(SCALE, res, ok))  # QUICK bisects once
     rows = report.boundary_table(SCALE, report.Runs(res, 3.0))
     assert all(r["noclip"] == (0.0548, 0.1) and r["clip"] == (None, 0.1) for r in rows)
+    res.update(results_from({s: math.nan for s in mids}))  # it fails: the boundary stays at 0.03
+    rows = report.boundary_table(SCALE, report.Runs(res, 3.0))
+    assert all(r["noclip"] == (0.03, 0.0548) for r in rows)
 
 
 def test_the_rule_for_stable():
@@ -103,11 +113,13 @@ def test_the_rule_for_stable():
         return {"variant": v, "score": score, "spread": spread, "techniques": techniques, "tokens_per_s": speed}
 
     # Within the spread of the best: a tie, which fewer techniques win.
-    assert report.choose_stable([row("a", 2.00, 0.02, 2), row("b", 2.01, 0.01, 1), row("c", 2.10, 0.02, 0)]) == ("b", ["a", "b"])
+    assert report.choose_stable([row("a", 2.00, 0.02, 2), row("b", 2.01, 0.01, 1), row("c", 2.10, 0.02, 0)], 3.0) == ("b", ["a", "b"])
     # Beyond it: the best alone.
-    assert report.choose_stable([row("a", 2.00, 0.005, 2), row("b", 2.02, 0.005, 1)]) == ("a", ["a"])
+    assert report.choose_stable([row("a", 2.00, 0.005, 2), row("b", 2.02, 0.005, 1)], 3.0) == ("a", ["a"])
     # Equal techniques: the faster one.
-    assert report.choose_stable([row("a", 2.00, 0.02, 1, 10.0), row("b", 2.01, 0.02, 1, 12.0)])[0] == "b"
+    assert report.choose_stable([row("a", 2.00, 0.02, 1, 10.0), row("b", 2.01, 0.02, 1, 12.0)], 3.0)[0] == "b"
+    # Nothing trains (every score is the threshold): no winner, rather than the fewest techniques.
+    assert report.choose_stable([row("a", 3.0, 0.0, 2), row("b", 3.0, 0.0, 0)], 3.0) == (None, [])
     assert report.techniques("vanilla") == 0 and report.techniques("qk-norm-cap") == 2
     assert report.techniques("embed-ln+qkv-norm") == 2
 
@@ -126,6 +138,12 @@ def test_the_store_keeps_every_record_and_detects_damage(tmp_path):
     store.path.write_text(lines[0] + "\n" + lines[1][:20] + "\n")
     with pytest.raises(StoreError, match=r"runs.jsonl:2: not a JSON record"):
         Store(tmp_path)
+    from benchmarks.stability.store import _sha
+
+    keyless = {"result": {}}
+    store.path.write_text(lines[0] + "\n" + json.dumps({**keyless, "sha": _sha(keyless)}) + "\n")
+    with pytest.raises(StoreError, match=r"runs.jsonl:2: "):
+        Store(tmp_path)
 
 
 @pytest.mark.slow
@@ -134,7 +152,7 @@ def test_quick_mode_end_to_end(tmp_path):
 
     out = main(["--quick", "--out", str(tmp_path), "--workers", "2"])
     assert out["complete"]
-    specs = plan.plan(SCALE, out["records"], lambda r: trained(r, unigram_loss()))
+    specs = plan.plan(SCALE, out["records"], lambda r: trained(r, threshold()))
     assert {s.key() for s in specs} == set(out["records"])  # every run of the plan, and nothing else
     for name in ("results.csv", "results.md", "init.json", "loss_vs_lr.png", "largest_trainable_lr.png",
                  "attn_logit_growth.png", "output_logits.png", "grad_norm_at_init.png", "runs.jsonl"):
@@ -146,14 +164,61 @@ def test_quick_mode_end_to_end(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)])["complete"] and (tmp_path / "runs.jsonl").read_bytes() == before
 
 
-def test_a_budget_stops_the_plan_and_a_rerun_continues(tmp_path, capsys):
-    from benchmarks.stability.__main__ import main
+def fake_train(spec, out):
+    """A made-up run, instant: loss falls then rises with the lr; lr 1.0 diverges."""
+    loss = math.nan if spec.lr >= 1.0 else 2.0 + abs(math.log10(spec.lr) + 2) / 10
+    return {**record(spec, loss, diverged=math.isnan(loss)), "spec": {"variant": spec.variant, "lr": spec.lr}}
 
-    out = main(["--quick", "--out", str(tmp_path), "--workers", "1", "--budget", "0"])
-    assert not out["complete"] and not out["records"]  # nothing starts past the budget
-    assert "run the same command again to continue" in capsys.readouterr().out
-    # A short budget: the runs under way when it ends are stored, the rest are not started.
-    out = main(["--quick", "--out", str(tmp_path), "--workers", "1", "--budget", "0.01"])
-    assert not out["complete"] and 1 <= len(out["records"]) <= 4
-    assert set(Store(tmp_path).records) == set(out["records"])
-    assert not (tmp_path / "results.md").exists()
+
+def failing_train(spec, out):
+    if spec.variant == "qk-norm" and spec.lr == 1e-2:
+        raise RuntimeError("out of memory")
+    return fake_train(spec, out)
+
+
+def interrupted_train(spec, out):
+    if spec.variant == "qk-norm":
+        raise KeyboardInterrupt
+    return fake_train(spec, out)
+
+
+def _train_plan(tmp_path, train, budget_s=None, workers=2):
+    from benchmarks.stability.__main__ import train_plan
+
+    store = Store(tmp_path)
+    ok = lambda r: trained(r, 3.0)  # noqa: E731
+    return train_plan(SCALE, store, tmp_path, workers, budget_s, ok, train=train), store, ok
+
+
+def test_a_budget_stops_new_runs_and_a_rerun_continues(tmp_path, monkeypatch):
+    import benchmarks.stability.__main__ as main_mod
+
+    complete, store, _ = _train_plan(tmp_path, fake_train, budget_s=0.0)
+    assert not complete and not store.records  # nothing starts past the budget
+    # The budget ends while the first two runs train: both are stored, nothing else starts.
+    store = Store(tmp_path)
+    monkeypatch.setattr(main_mod, "monotonic", lambda: 1e9 if store.records else 0.0)
+    ok = lambda r: trained(r, 3.0)  # noqa: E731
+    assert not main_mod.train_plan(SCALE, store, tmp_path, 2, 60.0, ok, train=fake_train)
+    first = Store(tmp_path).records
+    assert len(first) == 2
+    monkeypatch.undo()
+    complete, store, ok = _train_plan(tmp_path, fake_train)
+    assert complete and {s.key() for s in plan.plan(SCALE, store.records, ok)} == set(store.records)
+    assert all(store.records[k] == r for k, r in first.items())  # kept, not trained again
+
+
+def test_a_failed_run_costs_only_itself_and_an_interrupt_stops_at_once(tmp_path, capsys):
+    complete, store, ok = _train_plan(tmp_path, failing_train)
+    bad = plan.spec(SCALE, "qk-norm", 1e-2)
+    assert not complete and bad.key() not in store
+    assert f"run {bad.name()} failed and is not stored: RuntimeError: out of memory\n" in capsys.readouterr().err
+    assert {s.key() for s in plan.plan(SCALE, store.records, ok)} - set(store.records) >= {bad.key()}
+    assert len(store.records) > 10  # the rest of the plan went on
+    complete, store, _ = _train_plan(tmp_path, fake_train)  # a rerun trains what failed
+    assert complete and bad.key() in store
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        _train_plan(other, interrupted_train)
+    assert all(r["spec"]["variant"] != "qk-norm" for r in Store(other).records.values())

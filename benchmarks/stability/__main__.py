@@ -2,7 +2,7 @@
 
     python -m benchmarks.stability                  # the full mode (~1.5 h on 2 idle cores; resumable)
     python -m benchmarks.stability --budget 30      # train for at most 30 more minutes, then stop
-    python -m benchmarks.stability --quick          # about two minutes: every arm on a tiny model
+    python -m benchmarks.stability --quick          # about 10 s: every arm on a tiny model
 
 Every run goes through the training command's own loop (stableblocks.train.run) and is stored
 under the hash of its spec in runs.jsonl (store.py): a rerun trains only what is missing or
@@ -20,16 +20,18 @@ import argparse
 import json
 import os
 import sys
-import time
-from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
+from time import monotonic
 
 from tqdm import tqdm
 
 from ..results import output_folder, versions
 from . import plan
-from .analysis import trained, unigram_loss
+from .analysis import threshold as loss_threshold
+from .analysis import trained
 from .store import Store
 
 COMMITTED = Path(__file__).parent / "results"
@@ -76,33 +78,45 @@ def _trace(path: Path, every: int) -> dict:
     return out
 
 
-def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_s: float | None, verdict) -> bool:
-    """Train what the plan still needs, storing each run as it ends; True once nothing is missing.
-    Past the budget no run starts; the ones under way finish and are stored."""
-    deadline = None if budget_s is None else time.monotonic() + budget_s
+def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_s: float | None, verdict,
+               train=train_one) -> bool:
+    """Train what the plan still needs, `workers` runs at a time, storing each as it ends; True once
+    nothing is missing. Past the budget no run starts; the ones under way finish and are stored. A
+    run that raises is reported and skipped (a rerun tries it again); an interrupt stops at once."""
+    deadline = None if budget_s is None else monotonic() + budget_s
+    running: dict = {}  # future -> spec
+    failed: set[str] = set()
     bar = tqdm(desc="stability runs", unit="run", dynamic_ncols=True)
+    pool = ProcessPoolExecutor(max_workers=workers)
+    interrupted = True
     try:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            while True:
-                specs = plan.plan(scale, store.records, verdict)
-                pending = [s for s in specs if s.key() not in store]
-                bar.total, bar.n = len(specs), len(specs) - len(pending)
-                bar.refresh()
-                if not pending:
-                    return True
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
-                futures = [pool.submit(train_one, s, out) for s in pending]
-                for f in as_completed(futures):
-                    try:
-                        store.add(f.result())
-                    except CancelledError:
-                        continue
-                    bar.update(1)
-                    if deadline is not None and time.monotonic() > deadline:
-                        for g in futures:
-                            g.cancel()
+        while True:  # the adaptive arms re-plan after every run
+            specs = plan.plan(scale, store.records, verdict)
+            busy = {s.key() for s in running.values()}
+            pending = [s for s in specs if s.key() not in store and s.key() not in failed and s.key() not in busy]
+            bar.total, bar.n = len(specs), sum(s.key() in store for s in specs)
+            bar.refresh()
+            while pending and len(running) < workers and (deadline is None or monotonic() < deadline):
+                s = pending.pop(0)
+                running[pool.submit(train, s, out)] = s
+            if not running:
+                interrupted = False
+                return not pending and not failed
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                s = running.pop(f)
+                try:
+                    record = f.result()
+                except BrokenProcessPool:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one broken run must not cost the others
+                    failed.add(s.key())
+                    tqdm.write(f"stability: run {s.name()} failed and is not stored: {type(exc).__name__}: {exc}",
+                               file=sys.stderr)
+                    continue
+                store.add(record)
     finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
         bar.close()
 
 
@@ -110,7 +124,7 @@ def main(argv=None) -> dict:
     from stableblocks.rundir import RunDirError, RunLock
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="every arm on a tiny model (about two minutes on 2 idle cores)")
+    p.add_argument("--quick", action="store_true", help="every arm on a tiny model (about 10 s on 2 idle cores)")
     p.add_argument("--out", type=Path, help="results folder (default: the committed benchmarks/stability/results for "
                    "the full mode, runs/benchmarks/stability-quick for --quick)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs trained at once")
@@ -129,7 +143,7 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     try:
         store = Store(args.out)
-        threshold = unigram_loss()
+        threshold = loss_threshold()
         verdict = lambda record: trained(record, threshold)  # noqa: E731
         complete = train_plan(scale, store, args.out, args.workers, None if args.budget is None else 60 * args.budget,
                               verdict)

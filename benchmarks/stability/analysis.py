@@ -46,6 +46,16 @@ def unigram_loss() -> float:
     return float(-(val * np.log(counts / counts.sum())).sum() / val.sum())
 
 
+# A run at the unigram loss has stopped using context (its attention collapsed): "trains" asks
+# for a clear margin below it.
+MARGIN = 0.1
+
+
+def threshold() -> float:
+    """The loss a run must end below to count as training: the unigram loss less MARGIN."""
+    return unigram_loss() - MARGIN
+
+
 def trained(record: dict, threshold: float) -> bool:
     """A run still trains: it finished (the training command's divergence rule did not stop it),
     no spike was flagged, and its final validation loss is finite and below `threshold`."""

@@ -1,7 +1,8 @@
 """What the stability benchmark trains: one RunSpec per training run, grouped in arms.
 
-A run's result is stored under the hash of everything that decides it (RunSpec.key: the spec and
-the recipe's full StableConfig fields), so arms that ask for the same run share it, a rerun trains
+A run's result is stored under the hash of what decides it (RunSpec.key: the spec and the
+recipe's full StableConfig fields; not the training code: after a change to the model or the
+loop, delete runs.jsonl to retrain everything), so arms that ask for the same run share it, a rerun trains
 only what is missing or changed, and the full benchmark can be completed in parts. The two arms
 that adapt (the lr bracket and the failure boundary) read the results so far and ask for more.
 """
@@ -31,6 +32,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "embed-ln+qk-norm-cap": ("qk-norm-cap", {"embed_ln": True}),
     "embed-ln+qkv-norm": ("qkv-norm", {"embed_ln": True}),
 }
+assert STABLE in VARIANTS, f"the stable recipe {STABLE!r} needs a row: the benchmark is what chose it"
 
 # Learning rates every arm draws from: half decades from 1e-4 to 1.
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -114,7 +116,7 @@ def spec(scale: Scale, variant: str, lr: float, seed: int = 0, **kw) -> RunSpec:
                    scale.batch_size, extra=extra, **kw)
 
 
-def _loss(results: dict, s: RunSpec) -> float | None:
+def loss(results: dict, s: RunSpec) -> float | None:
     """Final validation loss of a finished run (nan when it diverged); None when not run yet."""
     r = results.get(s.key())
     return None if r is None else r["result"]["final_val_loss"]
@@ -134,7 +136,7 @@ def bracket(scale: Scale, results: dict) -> list[RunSpec]:
         while True:
             specs = [spec(scale, v, lr) for lr in lrs]
             out += specs
-            losses = [_loss(results, s) for s in specs]
+            losses = [loss(results, s) for s in specs]
             if any(x is None for x in losses):
                 break
             finite = {lr: x for lr, x in zip(lrs, losses) if math.isfinite(x)}
@@ -180,8 +182,11 @@ def seeds(scale: Scale, results: dict) -> list[RunSpec]:
     return [spec(scale, v, lr, seed) for v in scale.headline for lr in scale.seeded_lrs for seed in scale.seeds]
 
 
+DEPTH_LRS = (3e-3, 3e-2)
+
+
 def depth(scale: Scale, results: dict) -> list[RunSpec]:
-    return [replace(spec(scale, v, lr), n_layer=scale.deep_layers) for v in scale.embedding for lr in (3e-3, 3e-2)]
+    return [replace(spec(scale, v, lr), n_layer=scale.deep_layers) for v in scale.embedding for lr in DEPTH_LRS]
 
 
 # Output-logit divergence (Wortsman et al.): no weight decay at a high lr, then z-loss or a

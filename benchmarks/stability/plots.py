@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from stableblocks.checkpoint import atomic_write
+
 from . import plan
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:], dpi=120, bbox_inches="tight"))
     return path
 
 
@@ -37,20 +37,29 @@ def plot_all(scale: plan.Scale, runs, init: list[dict], out: Path) -> list[Path]
             xs = list(per_lr)
             ax.fill_between(xs, [per_lr[x][0] - per_lr[x][1] for x in xs], [per_lr[x][0] + per_lr[x][1] for x in xs],
                             color=line.get_color(), alpha=0.2)
-    ax.axhline(runs.threshold, color="grey", linestyle=":", label="unigram loss")
+    ax.axhline(runs.threshold, color="grey", linestyle=":", label="threshold of \"trains\"")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss",
            title=f"Loss vs learning rate (bands: mean ± std over {len(scale.seeds)} seeds)")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out / "loss_vs_lr.png"))
 
-    # The largest lr that still trains, with and without gradient clipping.
+    # The failure boundary: from the largest lr that trains (dot) to the first that does not (cross).
     fig, ax = plt.subplots(figsize=(7, 4))
     bound = boundary_table(scale, runs)
     for i, (name, label) in enumerate((("clip", "grad clip 1.0"), ("noclip", "no clipping"))):
-        ys = [j + (0.2 if i else -0.2) for j in range(len(bound))]
-        ax.barh(ys, [r[name][0] or 0.0 for r in bound], height=0.4, label=label, log=True)
+        color = f"C{2 * i}"
+        ax.plot([], [], "o-", color=color, label=label)
+        for j, r in enumerate(bound):
+            y, (top, fail) = j + (0.15 if i else -0.15), r[name]
+            if top and fail:
+                ax.plot([top, fail], [y, y], color=color, linewidth=1)
+            if top:
+                ax.plot(top, y, "o", color=color)
+            if fail:
+                ax.plot(fail, y, "x", color=color)
     ax.set_yticks(range(len(bound)), [r["variant"] for r in bound])
-    ax.set(xlabel="largest peak lr that trains", title="Failure boundary (seed 0)")
+    ax.set(xscale="log", xlabel="peak lr: largest that trains (o), first that does not (x)",
+           title="Failure boundary (seed 0)")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "largest_trainable_lr.png"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from stableblocks.checkpoint import atomic_write
 from stableblocks.recipes import RECIPES
 
 from ..report import README, replace_block
 from . import plan
-from .analysis import gradients_at_init, lr_sensitivity, trained
+from .analysis import MARGIN, gradients_at_init, lr_sensitivity, trained
 
 
 def _fmt(x, digits=3) -> str:
@@ -32,8 +34,7 @@ class Runs:
         return self.records.get(spec.key())
 
     def loss(self, spec: plan.RunSpec) -> float | None:
-        r = self.get(spec)
-        return None if r is None else r["result"]["final_val_loss"]
+        return plan.loss(self.records, spec)
 
     def verdict(self, record: dict) -> bool:
         return trained(record, self.threshold)
@@ -43,19 +44,21 @@ class Runs:
         return r is not None and self.verdict(r)
 
     def score(self, spec: plan.RunSpec) -> float:
-        """The loss the rule and the seed tables average: a run that did not train counts as the
-        unigram loss (the threshold of `trained`), never better."""
-        x = self.loss(spec)
-        return min(x, self.threshold) if x is not None and math.isfinite(x) else self.threshold
+        """The loss the rule and the seed tables average: a run that did not train (diverged,
+        spiked, or above the threshold) counts as the threshold."""
+        return self.loss(spec) if self.trained(spec) else self.threshold
 
 
 # ------------------------------------------------------------------------------------ the arms
 
 
 def bracket_table(scale: plan.Scale, runs: Runs) -> list[dict]:
+    """Per variant, the grid the bracket arm asked for (other arms' runs at the same lr are not
+    part of it), its best lr, and whether that best sits on the grid's edge."""
+    asked = {(s.variant, s.lr) for s in plan.bracket(scale, runs.records)}
     rows = []
     for v in scale.variants:
-        by_lr = {lr: runs.loss(plan.spec(scale, v, lr)) for lr in plan.LADDER}
+        by_lr = {lr: runs.loss(plan.spec(scale, v, lr)) if (v, lr) in asked else None for lr in plan.LADDER}
         tried = {lr: x for lr, x in by_lr.items() if x is not None}
         finite = {lr: x for lr, x in tried.items() if math.isfinite(x)}
         best = min(finite, key=finite.get) if finite else None
@@ -113,11 +116,14 @@ def techniques(variant: str) -> int:
     return sum(mine[k] != base[k] for k in base)
 
 
-def choose_stable(seeded: list[dict]) -> tuple[str, list[str]]:
+def choose_stable(seeded: list[dict], threshold: float) -> tuple[str | None, list[str]]:
     """The written rule: the lowest mean loss over the seeded lrs wins; every recipe within the
     spread of the best (its score minus the best's at most the larger of the two spreads) ties
-    with it, and a tie goes to fewer techniques, then to the faster recipe. -> (winner, the tied)."""
+    with it, and a tie goes to fewer techniques, then to the faster recipe. -> (winner, the tied);
+    (None, []) when no recipe trains at all (every score is the threshold)."""
     best = min(seeded, key=lambda r: r["score"])
+    if best["score"] >= threshold:
+        return None, []
     tied = [r for r in seeded if r["score"] - best["score"] <= max(r["spread"], best["spread"])]
     winner = min(tied, key=lambda r: (r["techniques"], -r["tokens_per_s"]))
     return winner["variant"], [r["variant"] for r in tied]
@@ -128,7 +134,7 @@ def depth_table(scale: plan.Scale, runs: Runs) -> list[dict]:
     for v in scale.embedding:
         for layers in (scale.n_layer, scale.deep_layers):
             losses = {lr: runs.loss(plan.spec(scale, v, lr) if layers == scale.n_layer else
-                                    replace(plan.spec(scale, v, lr), n_layer=layers)) for lr in (3e-3, 3e-2)}
+                                    replace(plan.spec(scale, v, lr), n_layer=layers)) for lr in plan.DEPTH_LRS}
             rows.append({"variant": v, "layers": layers, "loss_by_lr": losses})
     return rows
 
@@ -165,12 +171,13 @@ def headline_markdown(scale: plan.Scale, runs: Runs) -> str:
     part, and the README's block."""
     bracket, bound, seeded = bracket_table(scale, runs), boundary_table(scale, runs), seed_table(scale, runs)
     lrs = [lr for lr in plan.LADDER if any(t["loss_by_lr"][lr] is not None for t in bracket)]
-    winner, tied = choose_stable(seeded)
+    winner, tied = choose_stable(seeded, runs.threshold)
     out = [
         f"Model: {scale.n_layer} layers, {scale.n_embd} wide, {scale.n_head} heads, byte-level, context {scale.seq_len}, "
         f"batch {scale.batch_size}; {scale.steps} steps of AdamW (warmup 10%, cosine to 0.1x, weight decay 0.1); "
         f"bundled corpus. Loss = final validation loss (nats per byte); a run \"trains\" if the training command "
-        f"did not stop it as diverged, flagged no spike, and ends below the unigram loss {runs.threshold:.3f}.",
+        f"did not stop it as diverged, flagged no spike, and ends below {runs.threshold:.3f}, {MARGIN:g} under the "
+        f"unigram loss (where a model that has stopped using context ends).",
         "",
         "**LR bracket** (grad clip 1.0, seed 0; each grid extended until its best lr is interior, * = best on the "
         "grid's edge; div = diverged):",
@@ -192,19 +199,25 @@ def headline_markdown(scale: plan.Scale, runs: Runs) -> str:
 
     ref = next((r for r in bound if r["variant"] == "qk-norm"), None)
     out += ["", "**Failure boundary** (seed 0): the largest lr that still trains, then the lr above it that did not.", "",
-            "| recipe | grad clip 1.0 | no clipping | no clipping, x qk-norm's |", "|---|---|---|---|"]
+            "| recipe | grad clip 1.0 | x qk-norm's | no clipping | x qk-norm's |", "|---|---|---|---|---|"]
+
+    def ratio(r, clip):
+        return r[clip][0] / ref[clip][0] if ref and r[clip][0] and ref[clip][0] else None
+
     for r in bound:
-        ratio = (r["noclip"][0] / ref["noclip"][0]) if ref and r["noclip"][0] and ref["noclip"][0] else None
-        out.append(f"| {r['variant']} | {span(r['clip'])} | {span(r['noclip'])} | {_fmt(ratio, 2)} |")
-    out += ["", f"**Seeds** ({len(scale.seeds)} per cell: mean ± std; a run that did not train counts as the unigram "
-            "loss). Score = mean over these lrs; spread = std over seeds of each seed's mean.", "",
+        out.append(f"| {r['variant']} | {span(r['clip'])} | {_fmt(ratio(r, 'clip'), 2)} | {span(r['noclip'])} | "
+                   f"{_fmt(ratio(r, 'noclip'), 2)} |")
+    out += ["", f"**Seeds** ({len(scale.seeds)} per cell: mean ± std; a run that did not train counts as "
+            f"{runs.threshold:.3f}). Score = mean over these lrs; spread = std over seeds of each seed's mean.", "",
             "| recipe | " + " | ".join(f"lr {lr:g}" for lr in scale.seeded_lrs) + " | score ± spread | techniques |",
             "|---|" + "---|" * (len(scale.seeded_lrs) + 2)]
     for r in sorted(seeded, key=lambda r: r["score"]):
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in r["per_lr"].values()]
         out.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['score']:.3f} ± {r['spread']:.3f} | {r['techniques']} |")
-    out += ["", f"Rule for `stable`: the lowest score wins; recipes within the spread of the best tie, and a tie goes "
-            f"to fewer techniques, then to the faster recipe. Tied: {', '.join(tied)}. **The rule picks `{winner}`.**"]
+    verdict = (f"Tied: {', '.join(tied)}. **The rule picks `{winner}`.**" if winner else
+               "**No recipe trains at these lrs: the rule picks none.**")
+    out += ["", "Rule for `stable`: the lowest score wins; recipes within the spread of the best tie, and a tie goes "
+            f"to fewer techniques, then to the faster recipe. {verdict}"]
     return "\n".join(out)
 
 
@@ -214,8 +227,9 @@ def details_markdown(scale: plan.Scale, runs: Runs, init: list[dict]) -> str:
            "| recipe | grad first / last | std into layer 1 |", "|---|---|---|"]
     out += [f"| {o['recipe']} | {o['grad_norm'][0] / o['grad_norm'][-1]:.2f} | {o['residual_std'][0]:.3f} |" for o in init]
     out += ["", f"**Depth** ({scale.deep_layers} layers against {scale.n_layer}; seed 0, grad clip 1.0):", "",
-            "| recipe | layers | lr 0.003 | lr 0.03 |", "|---|---|---|---|"]
-    out += [f"| {r['variant']} | {r['layers']} | {_fmt(r['loss_by_lr'][3e-3])} | {_fmt(r['loss_by_lr'][3e-2])} |"
+            "| recipe | layers | " + " | ".join(f"lr {lr:g}" for lr in plan.DEPTH_LRS) + " |",
+            "|---|---|" + "---|" * len(plan.DEPTH_LRS)]
+    out += [f"| {r['variant']} | {r['layers']} | " + " | ".join(_fmt(x) for x in r["loss_by_lr"].values()) + " |"
             for r in depth_table(scale, runs)]
     out += ["", f"**Output logits** (vanilla, lr {plan.OUTPUT_LOGIT_LR:g}, grad clip 1.0; max |output logit| and "
             "log Z = mean log-sum-exp of the logits, from the diagnostics' probe):", "",
@@ -232,19 +246,22 @@ def details_markdown(scale: plan.Scale, runs: Runs, init: list[dict]) -> str:
 # ------------------------------------------------------------------------------------ files
 
 
-def write_csv(runs: Runs, path: Path) -> None:
+def write_csv(scale: plan.Scale, runs: Runs) -> str:
+    """One row per run of the plan (records it no longer asks for, e.g. of a recipe since
+    changed, stay in runs.jsonl but not here)."""
     fields = ["key", "variant", "recipe", "lr", "seed", "n_layer", "grad_clip", "weight_decay", "tokenizer", "extra",
               "final_val_loss", "first_loss", "diverged", "spikes", "max_grad_norm", "max_attn_logit", "trained"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in sorted(runs.records.values(), key=lambda r: (r["spec"]["variant"], r["spec"]["lr"], r["key"])):
-            s, x = r["spec"], r["result"]
-            w.writerow({"key": r["key"], **{k: s[k] for k in fields[1:10] if k in s}, "recipe": plan.VARIANTS[s["variant"]][0],
-                        "extra": json.dumps(dict(map(tuple, s["extra"]))), **{k: x[k] for k in fields[10:16]},
-                        "trained": runs.trained(plan.RunSpec(**{**s, "extra": tuple(map(tuple, s["extra"]))}))})
-    tmp.replace(path)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    specs = sorted(plan.plan(scale, runs.records, runs.verdict), key=lambda s: (s.variant, s.lr, s.key()))
+    for s in specs:
+        r = runs.get(s)
+        x = r["result"]
+        w.writerow({"key": r["key"], **{k: getattr(s, k) for k in fields[1:10] if k not in ("recipe", "extra")},
+                    "recipe": s.recipe, "extra": json.dumps(dict(s.extra)), **{k: x[k] for k in fields[10:16]},
+                    "trained": runs.verdict(r)})
+    return f.getvalue()
 
 
 def write(scale: plan.Scale, records: dict, threshold: float, out: Path, committed: bool) -> dict:
@@ -255,14 +272,11 @@ def write(scale: plan.Scale, records: dict, threshold: float, out: Path, committ
             for r in tqdm([v for v in scale.variants if not plan.VARIANTS[v][1]], desc="gradients at init")]
     headline = headline_markdown(scale, runs)
     text = headline + "\n\n" + details_markdown(scale, runs, init) + "\n"
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "results.md")
-    (out / ".init.json.tmp").write_text(json.dumps(init, indent=1) + "\n")
-    (out / ".init.json.tmp").replace(out / "init.json")
-    write_csv(runs, out / "results.csv")
+    for name, body in (("results.md", text), ("init.json", json.dumps(init, indent=1) + "\n"),
+                       ("results.csv", write_csv(scale, runs))):
+        atomic_write(out / name, lambda f, body=body: f.write(body.encode()))
     if committed:  # the full plan into the committed results: the README follows
         replace_block(README, "stability", "\n" + headline + "\n")
     paths = plots.plot_all(scale, runs, init, out)
     print(text)
-    return {"stable": choose_stable(seed_table(scale, runs))[0], "markdown": text, "plots": paths}
+    return {"stable": choose_stable(seed_table(scale, runs), threshold)[0], "markdown": text, "plots": paths}

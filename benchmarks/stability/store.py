@@ -2,17 +2,18 @@
 
 runs.jsonl, committed with the results: one JSON object per line, {"key", "spec", "config",
 "result", "trace", "versions", "sha"}, where "sha" is the SHA-256 of the rest of the record
-(canonical JSON). Every write replaces the whole file atomically (a temporary file, fsync,
-rename), so a kill leaves the previous file; a record whose checksum does not match, or a line
-that is not JSON, is an error naming the line: never a silently dropped or altered result.
+(canonical JSON). Every write replaces the whole file atomically (checkpoint.atomic_write), so
+a kill leaves the previous file; a record whose checksum does not match, or a line that is not
+JSON, is an error naming the line: never a silently dropped or altered result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from stableblocks.checkpoint import atomic_write
 
 FILE = "runs.jsonl"
 
@@ -36,7 +37,7 @@ class Store:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise StoreError(f"{self.path}:{n}: not a JSON record ({exc.msg})") from None
-                if not isinstance(record, dict) or record.get("sha") != _sha(record):
+                if not isinstance(record, dict) or "key" not in record or record.get("sha") != _sha(record):
                     raise StoreError(f"{self.path}:{n}: checksum mismatch: the record was altered or damaged")
                 self.records[record["key"]] = record
 
@@ -47,10 +48,5 @@ class Store:
         record = {**record, "sha": ""}
         record["sha"] = _sha(record)
         self.records[record["key"]] = record
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            for r in self.records.values():
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        atomic_write(self.path, lambda f: f.writelines((json.dumps(r, sort_keys=True) + "\n").encode()
+                                                        for r in self.records.values()))
