@@ -222,3 +222,25 @@ def test_a_failed_run_costs_only_itself_and_an_interrupt_stops_at_once(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         _train_plan(other, interrupted_train)
     assert all(r["spec"]["variant"] != "qk-norm" for r in Store(other).records.values())
+
+
+def test_the_command_reports_a_damaged_store_and_an_interrupt_in_one_line(tmp_path, monkeypatch, capsys):
+    import benchmarks.stability.__main__ as main_mod
+
+    (tmp_path / "runs.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit) as exit_:
+        main_mod.main(["--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("stability: ") and "runs.jsonl:1: not a JSON record" in err
+    assert "Traceback" not in err
+    (tmp_path / "runs.jsonl").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_mod, "train_plan", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main_mod.main(["--quick", "--out", str(tmp_path)])
+    assert exit_.value.code == 130 and "interrupted; 0 runs stored" in capsys.readouterr().err
+    monkeypatch.undo()  # and the folder's lock was released: the next call runs
+    assert main_mod.main(["--quick", "--out", str(tmp_path), "--budget", "0"])["complete"] is False

@@ -32,7 +32,7 @@ from ..results import output_folder, versions
 from . import plan
 from .analysis import threshold as loss_threshold
 from .analysis import trained
-from .store import Store
+from .store import Store, StoreError
 
 COMMITTED = Path(__file__).parent / "results"
 TRACE_KEYS = ("loss", "grad_norm", "val_loss", "attn_logit_max", "logit_absmax", "log_z")
@@ -142,11 +142,20 @@ def main(argv=None) -> dict:
         print(f"stability: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        store = Store(args.out)
+        try:
+            store = Store(args.out)
+        except StoreError as exc:
+            print(f"stability: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         threshold = loss_threshold()
         verdict = lambda record: trained(record, threshold)  # noqa: E731
-        complete = train_plan(scale, store, args.out, args.workers, None if args.budget is None else 60 * args.budget,
-                              verdict)
+        try:
+            complete = train_plan(scale, store, args.out, args.workers,
+                                  None if args.budget is None else 60 * args.budget, verdict)
+        except KeyboardInterrupt:
+            print(f"\nstability: interrupted; {len(store.records)} runs stored in {store.path}; run the same command "
+                  "again to continue", file=sys.stderr)
+            raise SystemExit(130) from None
         if not complete:
             todo = len([s for s in plan.plan(scale, store.records, verdict) if s.key() not in store])
             print(f"stability: {len(store.records)} runs stored in {store.path}, at least {todo} to go; "
