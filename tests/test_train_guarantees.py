@@ -98,7 +98,7 @@ def test_a_finite_blow_up_is_diverged_by_the_smoothed_loss(tmp_path, cache_dir):
     assert math.isfinite(summary["final_loss"]) and summary["steps"] < 60
 
 
-def test_no_committed_stability_run_crosses_the_default_threshold():
+def test_committed_stability_runs_stop_only_far_above_their_best_lr():
     """The default margin stops only runs that were lost anyway: in the committed full benchmark
     every run it let finish ends far below its threshold, and every run it stopped had a learning
     rate more than a rung (3x) above its recipe's best."""

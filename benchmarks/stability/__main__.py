@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -78,17 +79,29 @@ def _trace(path: Path, every: int) -> dict:
     return out
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down without waiting: the runs under way are killed, not finished."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_s: float | None, verdict,
                train=train_one) -> bool:
     """Train what the plan still needs, `workers` runs at a time, storing each as it ends; True once
     nothing is missing. Past the budget no run starts; the ones under way finish and are stored. A
-    run that raises is reported and skipped (a rerun tries it again); an interrupt stops at once."""
+    run that raises, or whose worker dies, is reported and skipped (a rerun tries it again); an
+    interrupt kills the runs under way and stops at once."""
     deadline = None if budget_s is None else monotonic() + budget_s
     running: dict = {}  # future -> spec
     failed: set[str] = set()
     bar = tqdm(desc="stability runs", unit="run", dynamic_ncols=True)
-    pool = ProcessPoolExecutor(max_workers=workers)
-    interrupted = True
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
     try:
         while True:  # the adaptive arms re-plan after every run
             specs = plan.plan(scale, store.records, verdict)
@@ -100,23 +113,36 @@ def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_
                 s = pending.pop(0)
                 running[pool.submit(train, s, out)] = s
             if not running:
-                interrupted = False
+                pool.shutdown()
                 return not pending and not failed
             done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
             for f in done:
                 s = running.pop(f)
                 try:
                     record = f.result()
-                except BrokenProcessPool:
-                    raise
+                    if record.get("key") != s.key():
+                        raise ValueError(f"its record's key {record.get('key')!r} is not the spec's {s.key()!r}")
                 except Exception as exc:  # noqa: BLE001 - one broken run must not cost the others
+                    # A worker that died (killed for memory, a crash) breaks the pool: every run
+                    # then in flight fails with it, and a fresh pool takes the rest.
+                    broken |= isinstance(exc, BrokenProcessPool)
                     failed.add(s.key())
                     tqdm.write(f"stability: run {s.name()} failed and is not stored: {type(exc).__name__}: {exc}",
                                file=sys.stderr)
                     continue
                 store.add(record)
+            if broken:
+                for f, s in running.items():
+                    failed.add(s.key())
+                    tqdm.write(f"stability: run {s.name()} was lost with its pool and is not stored", file=sys.stderr)
+                running.clear()
+                _stop(pool)
+                pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init)
+    except BaseException:
+        _stop(pool)
+        raise
     finally:
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
         bar.close()
 
 

@@ -66,7 +66,9 @@ def bracket_table(scale: plan.Scale, runs: Runs) -> list[dict]:
         rows.append({
             "variant": v, "loss_by_lr": by_lr, "best_lr": best, "best_loss": finite.get(best),
             "edge": best is not None and best in (min(tried), max(tried)),
-            "lr_sensitivity": lr_sensitivity({lr: tried.get(lr, math.nan) for lr in scale.start}, math.log(256)),
+            # None when nothing finished: 0 (the flattest curve) would read as the best there is.
+            "lr_sensitivity": lr_sensitivity({lr: tried.get(lr, math.nan) for lr in scale.start}, math.log(256))
+            if finite else None,
             "max_grad_norm": max(r["result"]["max_grad_norm"] for r in records),
             "max_attn_logit": max((r["result"]["max_attn_logit"] or 0.0) for r in records),
         })
@@ -188,7 +190,7 @@ def headline_markdown(scale: plan.Scale, runs: Runs) -> str:
     for t in bracket:
         cells = [_fmt(t["loss_by_lr"][lr]) for lr in lrs]
         best = f"{_fmt(t['best_loss'])} @ {_lr(t['best_lr'])}{'*' if t['edge'] else ''}"
-        out.append(f"| {t['variant']} | " + " | ".join(cells) + f" | {best} | {t['lr_sensitivity']:.3f} | "
+        out.append(f"| {t['variant']} | " + " | ".join(cells) + f" | {best} | {_fmt(t['lr_sensitivity'])} | "
                    f"{t['max_grad_norm']:.2f} | {t['max_attn_logit']:.1f} |")
 
     def span(pair):

@@ -37,7 +37,9 @@ class Store:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise StoreError(f"{self.path}:{n}: not a JSON record ({exc.msg})") from None
-                if not isinstance(record, dict) or "key" not in record or record.get("sha") != _sha(record):
+                if isinstance(record, dict) and "key" not in record:
+                    raise StoreError(f"{self.path}:{n}: a record without a key")
+                if not isinstance(record, dict) or record.get("sha") != _sha(record):
                     raise StoreError(f"{self.path}:{n}: checksum mismatch: the record was altered or damaged")
                 self.records[record["key"]] = record
 
