@@ -110,8 +110,11 @@ def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_
             bar.total, bar.n = len(specs), sum(s.key() in store for s in specs)
             bar.refresh()
             while pending and len(running) < workers and (deadline is None or monotonic() < deadline):
-                s = pending.pop(0)
-                running[pool.submit(train, s, out)] = s
+                try:
+                    running[pool.submit(train, pending[0], out)] = pending[0]
+                except BrokenProcessPool:
+                    break  # a worker died since the last wait: its run fails below, a fresh pool follows
+                pending.pop(0)
             if not running:
                 pool.shutdown()
                 return not pending and not failed
