@@ -9,7 +9,7 @@ import time
 import pytest
 
 from benchmarks.stability import plan, report
-from benchmarks.stability.analysis import gradients_at_init, lr_sensitivity, threshold, trained, unigram_loss
+from benchmarks.stability.analysis import gradients_at_init, loss_threshold, lr_sensitivity, trained, unigram_loss
 from benchmarks.stability.store import Store, StoreError
 
 
@@ -55,7 +55,7 @@ def test_a_run_trains_only_finished_spike_free_and_below_the_threshold():
     assert not trained(record(s, math.nan, diverged=True), 3.0)
     assert not trained(record(s, 2.0, spikes=1), 3.0)
     # The unigram loss of bytes is below a uniform guess and above what a model learns.
-    assert 2.0 < threshold() < unigram_loss() < math.log(256)
+    assert 2.0 < loss_threshold() < unigram_loss() < math.log(256)
 
 
 def test_the_key_changes_with_anything_that_changes_the_run(monkeypatch):
@@ -155,7 +155,7 @@ def test_quick_mode_end_to_end(tmp_path):
 
     out = main(["--quick", "--out", str(tmp_path), "--workers", "2"])
     assert out["complete"]
-    specs = plan.plan(SCALE, out["records"], lambda r: trained(r, threshold()))
+    specs = plan.plan(SCALE, out["records"], lambda r: trained(r, loss_threshold()))
     assert {s.key() for s in specs} == set(out["records"])  # every run of the plan, and nothing else
     for name in ("results.csv", "results.md", "init.json", "loss_vs_lr.png", "largest_trainable_lr.png",
                  "attn_logit_growth.png", "output_logits.png", "grad_norm_at_init.png", "runs.jsonl"):

@@ -31,8 +31,7 @@ from tqdm import tqdm
 
 from ..results import output_folder, versions
 from . import plan
-from .analysis import threshold as loss_threshold
-from .analysis import trained
+from .analysis import loss_threshold, trained
 from .store import Store, StoreError
 
 COMMITTED = Path(__file__).parent / "results"
@@ -86,7 +85,10 @@ def _worker_init() -> None:
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Shut the pool down without waiting: the runs under way are killed, not finished."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+        pool.terminate_workers()
+        return
+    for proc in list((pool._processes or {}).values()):
         proc.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
 

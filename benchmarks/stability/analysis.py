@@ -51,7 +51,7 @@ def unigram_loss() -> float:
 MARGIN = 0.1
 
 
-def threshold() -> float:
+def loss_threshold() -> float:
     """The loss a run must end below to count as training: the unigram loss less MARGIN."""
     return unigram_loss() - MARGIN
 

@@ -2,8 +2,8 @@
 
 A run's result is stored under the hash of what decides it (RunSpec.key: the spec and the
 recipe's full StableConfig fields; not the training code: after a change to the model or the
-loop, delete runs.jsonl to retrain everything), so arms that ask for the same run share it, a rerun trains
-only what is missing or changed, and the full benchmark can be completed in parts. The two arms
+loop, delete runs.jsonl to retrain everything), so arms that ask for the same run share it, a
+rerun trains only what is missing or changed, and the full benchmark can be completed in parts. The two arms
 that adapt (the lr bracket and the failure boundary) read the results so far and ask for more.
 """
 
