@@ -406,6 +406,9 @@ FP32_WIDE_SPILL = {("_attention_bwd_dq", 90): 16}
 # (spill bytes stored): dq on 64x16 tiles 392 with every option, 104 without the k/v norms in its
 # key loop, 56 with no option (128x16 tiles: 0 with no option, 1732 with all); dkdv on 16x64 tiles
 # 2088 with all, 816 with none: its two 64x256 fp32 accumulators alone take half the registers.
+# Splitting dkdv into a dv and a dk kernel does not help: dv alone is spill-free, but dk alone (it
+# still needs the k and v tiles) spills 528 with all options and 116 with none; 16 warps cap the
+# registers at 128 and spill more (dkdv 2520, dq 1028 with all).
 
 
 @pytest.mark.slow
