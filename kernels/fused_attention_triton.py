@@ -528,7 +528,12 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
         wide = block_d == 128 or D != block_d
         fwd = dict(BLOCK_M=16 if block_d == 128 else 32, BLOCK_N=16, num_warps=4, num_stages=1)
         dkdv = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
-        dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+        # dq's key loop 4-deep pipelined: its K and V tiles wait in shared memory (~100 KB), not
+        # in registers, which keeps dq spill-free at every width a multiple of 16 on sm_80 and
+        # sm_90a (1 stage spilled 16 bytes at BLOCK_D = 128 with every option on sm_90a). The odd
+        # multiples of 8 from 72 to 120 (narrower loads) spill 16-20 bytes at every 4 or 8 warps,
+        # 1 to 4 stages.
+        dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=4)
     elif block_d == 256:
         # sm_80's mma.sync holds the Q tile and the accumulator in registers: half the rows there.
         fwd = dict(BLOCK_M=64 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
