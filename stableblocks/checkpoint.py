@@ -71,6 +71,10 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write (e.g. disk full) names no file: name the one at stake
+            raise OSError(e.errno, f"{e.strerror} writing {path}") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

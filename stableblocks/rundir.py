@@ -1,14 +1,14 @@
 """The run folder: one run at a time (a lock), never silently reused, and a metrics log that
 survives a kill.
 
-A run takes OUT_DIR/.lock (its pid and host) for its whole life; a second run into the same folder
-fails at once, unless the pid in the lock is dead on this host (a killed run), whose lock is
-replaced. A folder that already holds a run is continued only with --resume and replaced only
-with --overwrite.
+A run holds a lock on OUT_DIR/.lock (naming its pid and host) for its whole life; a second run
+into the same folder fails at once. The lock ends with its process, however it ends. A folder
+that already holds a run is continued only with --resume and replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -28,41 +28,44 @@ class RunDirError(ValueError):
     """The run folder is in use, or holds a run that this command would silently reuse."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class RunLock:
-    """OUT_DIR/.lock, created exclusively; a lock whose pid is dead on this host is stale."""
+    """OUT_DIR/.lock, held with flock(2) for the run's life. The kernel drops the lock when its
+    process ends, however it ends (a kill -9 too): no stale lock to judge by pid, and no window
+    in which two runs both take a dead run's lock. The file names the holder, for the message."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK
-        self.held = False
+        self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 owner = self._owner()
-                if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                    self.path.unlink(missing_ok=True)  # a killed run's lock
-                    continue
                 raise RunDirError(f"out_dir {self.path.parent}: another run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}) "
-                                  f"is using it; wait for it, or choose another --out-dir (if no run is, delete {self.path})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
+                                  "is using it; wait for it, or choose another --out-dir") from None
+            except OSError as e:
+                os.close(fd)
+                raise RunDirError(f"out_dir {self.path.parent}: cannot lock {self.path} ({e.strerror}); "
+                                  "choose an --out-dir on a filesystem with file locks") from None
+            # The holder may have released (and removed) the file between our open and our lock:
+            # then we hold a lock on a file nobody else will see; take the one at the path.
+            try:
+                here = os.stat(self.path)
+            except FileNotFoundError:
+                here = None
+            mine = os.fstat(fd)
+            if here is None or (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            self.fd = fd
             return self
-        raise RunDirError(f"out_dir {self.path.parent}: could not take {self.path}")
 
     def _owner(self) -> dict:
         try:
@@ -72,9 +75,10 @@ class RunLock:
             return {}
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: whoever opened it retries on a new file
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self.acquire()

@@ -7,26 +7,26 @@
     stableblocks train --out-dir runs/vanilla --resume  # continue from runs/vanilla/ckpt.pt
     torchrun --nproc_per_node 2 -m stableblocks.train [--fsdp] ...
 
-Exit status: 0 finished; 2 bad input, a corrupt file or an out-dir in use; 3 diverged.
+Exit status: 0 finished; 2 bad input, a corrupt file, an out-dir in use or a failed write (disk
+full, no permission); 3 diverged; 130 interrupted (Ctrl-C).
 From Python: `run(TrainConfig(...))` or `main(["--steps", "100"])`, both returning the summary.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from . import distributed
-from .rundir import RunLock, check_reuse, write_json
 from .trainer import Trainer, WarmupCosine
 from .train_config import (SIZES, DataConfig, DivergeConfig, ModelOverrides, SpikeConfig, TrainConfig, load_config,
                            model_config, validate)
 from .train_config import parse_args as _parse_args
 
 __all__ = ["SIZES", "DataConfig", "DivergeConfig", "ModelOverrides", "SpikeConfig", "TrainConfig", "Trainer", "WarmupCosine",
-           "load_config", "model_config", "parse_args", "run", "main", "command", "EXIT_BAD_INPUT", "EXIT_DIVERGED"]
+           "load_config", "model_config", "parse_args", "run", "main", "command", "EXIT_BAD_INPUT", "EXIT_DIVERGED",
+           "EXIT_INTERRUPTED"]
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -38,32 +38,13 @@ def run(cfg: TrainConfig) -> dict:
     run returns its summary with diverged=True; bad input raises ValueError naming it."""
     validate(cfg)
     d = distributed.setup(cfg.device, cfg.fsdp)
-    lock = RunLock(cfg.out_dir)
     try:
-        if d.main:
-            lock.acquire()
-            check_reuse(cfg.out_dir, cfg.resume, cfg.overwrite)
         summary = Trainer(cfg, d).fit()
-        if d.main:
-            _finish(cfg, summary)
+        if d.main and cfg.progress:
+            _print_summary(summary)
         return summary
     finally:
-        lock.release()
         d.close()
-
-
-def _finish(cfg: TrainConfig, summary: dict) -> None:
-    out = summary["run_dir"]
-    write_json(Path(out) / "summary.json", summary)
-    if cfg.plot:
-        try:
-            from . import plot
-
-            summary["plots"] = [str(p) for p in plot.plot_runs([out], out)]
-        except ImportError as e:  # matplotlib is the `plot` extra
-            print(f"no plots ({e}); pip install 'stableblocks[plot]'")
-    if cfg.progress:
-        _print_summary(summary)
 
 
 def _print_summary(s: dict) -> None:
@@ -87,12 +68,20 @@ def main(argv=None) -> dict:
 
 
 def command(argv=None) -> None:
-    """The command line's entry: exit status 0 finished, 2 bad input (one line, no traceback), 3 diverged."""
+    """The command line's entry: one line and no traceback on an error (exit statuses above)."""
     try:
         summary = main(argv)
     except ValueError as e:  # bad options, config files, data, checkpoints or run folders
         print(f"stableblocks train: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except OSError as e:  # disk full, no permission, read-only: every write is atomic, the last checkpoint stands
+        print(f"stableblocks train: error: {e} (checkpoints are written atomically: the last one on disk is whole)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        print("stableblocks train: interrupted; the last checkpoint on disk is whole (--resume continues from it)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     raise SystemExit(EXIT_DIVERGED if summary["diverged"] else 0)
 
 

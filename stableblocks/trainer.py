@@ -53,8 +53,24 @@ def _autocast(precision: str, device: torch.device):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist):
+        """Takes OUT_DIR's lock (rank 0) until `fit` returns, or at once if set-up fails: one run
+        per folder, and a folder holding a run is continued only with resume, replaced only with
+        overwrite."""
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.out_dir)
+        self.lock = rundir.RunLock(self.out)
+        if d.main:
+            self.lock.acquire()
+        try:
+            if d.main:
+                rundir.check_reuse(self.out, cfg.resume, cfg.overwrite)
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> None:
+        cfg, d = self.cfg, self.d
         self.ckpt_path = self.out / checkpoint.FILE
         resumed = checkpoint.load(self.ckpt_path) if cfg.resume else None
         self.corpus = self._load_data()
@@ -103,6 +119,8 @@ class Trainer:
         self.n_params = model.num_params()
         self.net, self.core = distributed.wrap(model, d, cfg.fsdp, cfg.compile)
         self.opt = self.core.configure_optimizers(cfg.weight_decay, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        # This run's settings per group: loading an optimizer state brings the saved run's back.
+        self.hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         self.schedule = WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         self.precision, self.autocast = _autocast(cfg.precision, d.device)
         torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ across processes
@@ -119,17 +137,19 @@ class Trainer:
         self.clip = None if self.mcfg.qk_clip is None else QKClip(self.core, self.mcfg.qk_clip)
 
     def _open_run_dir(self, resumed: bool) -> None:
-        """Every check has passed: now the folder may change (rank 0 writes, holding the lock)."""
+        """Every check has passed: now the folder may change (rank 0 writes, holding the lock).
+        The metrics log, the last check (a damaged metrics.jsonl), comes before the run's records."""
+        if self.d.main:
+            if self.cfg.overwrite:
+                rundir.clear(self.out)
+            for p in checkpoint.remove_stale_temps(self.out):
+                print(f"removed {p}, left by a killed write", file=sys.stderr)
+        self.log = rundir.MetricsLog(self.out / rundir.METRICS, self.step_no if resumed else None, self.d.main)
         if self.d.main:
             self._write_run_info(resumed)
-        self.log = rundir.MetricsLog(self.out / rundir.METRICS, self.step_no if resumed else None, self.d.main)
 
     def _write_run_info(self, resumed: bool) -> None:
         cfg, d = self.cfg, self.d
-        if cfg.overwrite:
-            rundir.clear(self.out)
-        for p in checkpoint.remove_stale_temps(self.out):
-            print(f"removed {p}, left by a killed write", file=sys.stderr)
         info = {"config": asdict(cfg), "model_config": asdict(self.mcfg), "params": self.n_params, "world_size": d.world,
                 "device": str(d.device), "precision": self.precision, "tokenizer": getattr(self.corpus.tokenizer, "name", None),
                 "train_tokens": len(self.corpus.train), "val_tokens": len(self.corpus.val), "resumes": []}
@@ -159,6 +179,8 @@ class Trainer:
             checkpoint.load_training_state(self.core, self.opt, state["model"], state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise ValueError(f"resume: the weights in {self.ckpt_path} do not fit this model ({str(e).splitlines()[0]})") from None
+        for group, hparams in zip(self.opt.param_groups, self.hparams):
+            group.update(hparams)  # a resume's --weight-decay, --beta1/2, --eps take effect
         if everything:
             self.gen.set_state(state["data"])
             if len(state["rng"]) == self.d.world:
@@ -318,6 +340,12 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step_no, desc=f"train {cfg.recipe}",
                    disable=not (self.d.main and cfg.progress), dynamic_ncols=True)
@@ -344,7 +372,21 @@ class Trainer:
         if cfg.ckpt_interval and self.step_no == cfg.steps and self.step_no != self.last_good:
             self.save(self.state_dict(), self.clean and self.rule.healthy())
         self.log.close()
-        return self.summary()
+        summary = self.summary()
+        if self.d.main:
+            self._finish(summary)
+        return summary
+
+    def _finish(self, summary: dict) -> None:
+        """summary.json and the plots, still under the lock."""
+        rundir.write_json(self.out / "summary.json", summary)
+        if self.cfg.plot:
+            try:
+                from . import plot
+
+                summary["plots"] = [str(p) for p in plot.plot_runs([str(self.out)], str(self.out))]
+            except ImportError as e:  # matplotlib is the `plot` extra
+                print(f"no plots ({e}); pip install 'stableblocks[plot]'")
 
     def summary(self) -> dict:
         s, rule = self.stats, self.rule

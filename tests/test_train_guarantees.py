@@ -123,20 +123,71 @@ def test_committed_stability_runs_stop_only_far_above_their_best_lr():
 # ---------------------------------------------------------------- one run per out-dir
 
 
+HOLDER = """
+import sys
+from stableblocks import rundir
+try:
+    rundir.RunLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+except rundir.RunDirError:
+    print("refused", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin (or kills us)
+"""
+
+
+def _holders(folder, n):
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    return procs, [p.stdout.readline().strip() for p in procs]
+
+
 def test_a_second_run_into_a_live_out_dir_fails_at_once(tmp_path, cache_dir):  # noqa: F811
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (holder,), said = _holders(tmp_path, 1)
     try:
-        tmp_path.mkdir(exist_ok=True)
-        (tmp_path / rundir.LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        with pytest.raises(rundir.RunDirError, match=f"another run \\(pid {sleeper.pid}"):
+        assert said == ["held"]
+        with pytest.raises(rundir.RunDirError, match=f"another run \\(pid {holder.pid}"):
             run(tiny(tmp_path, cache_dir, steps=2))
         assert not (tmp_path / "metrics.jsonl").exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # The same lock, its process dead: stale, replaced.
-    run(tiny(tmp_path, cache_dir, steps=2, ckpt_interval=0))
+        holder.kill()  # kill -9: no clean-up, the lock file stays behind
+        holder.wait()
+    assert json.loads((tmp_path / rundir.LOCK).read_text())["pid"] == holder.pid
+    run(tiny(tmp_path, cache_dir, steps=2, ckpt_interval=0))  # the kernel dropped the dead run's lock
     assert not (tmp_path / rundir.LOCK).exists() and len(rows(tmp_path)) == 2
+
+
+def test_runs_racing_for_a_dead_runs_lock_get_it_once(tmp_path):
+    # Left by a killed run whose pid now belongs to a live process (this one): neither the pid
+    # nor its liveness decides, only whether a process holds the lock.
+    (tmp_path / rundir.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    procs, said = _holders(tmp_path, 4)
+    try:
+        assert sorted(said) == ["held", "refused", "refused", "refused"], said
+        with pytest.raises(rundir.RunDirError, match="another run"):
+            rundir.RunLock(tmp_path).acquire()
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=30)
+    with rundir.RunLock(tmp_path):  # every holder gone: free again
+        assert (tmp_path / rundir.LOCK).exists()
+    assert not (tmp_path / rundir.LOCK).exists()
+
+
+def test_the_trainer_api_keeps_the_command_s_folder_rules(tmp_path, cache_dir):  # noqa: F811
+    from stableblocks import distributed
+
+    run(tiny(tmp_path, cache_dir, steps=4, ckpt_interval=4))
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl", "run.json")}
+    d = distributed.setup("cpu", False)
+    with pytest.raises(rundir.RunDirError, match="already holds a run"):
+        Trainer(tiny(tmp_path, cache_dir, steps=2), d)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    trainer = Trainer(tiny(tmp_path, cache_dir, steps=6, ckpt_interval=4, resume=True), d)
+    with pytest.raises(rundir.RunDirError, match="another run"):  # held from set-up to the end of fit
+        run(tiny(tmp_path, cache_dir, steps=6, resume=True))
+    assert trainer.fit()["steps"] == 6 and (tmp_path / "summary.json").exists()
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 def test_an_existing_run_is_resumed_or_overwritten_only_when_asked(tmp_path, cache_dir):  # noqa: F811
@@ -252,12 +303,59 @@ def test_resume_refuses_a_changed_data_stream_unless_allowed(tmp_path, cache_dir
     with pytest.raises(ValueError, match="data.source"):
         run(cfg)
     assert (tmp_path / "config.json").read_text() == config_before
+    run_before = (tmp_path / "run.json").read_text()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        run(tiny(tmp_path, cache_dir, steps=6, resume=True, lr=1e-2))
+    # A refused resume leaves the run's records as they were.
+    assert (tmp_path / "config.json").read_text() == config_before and (tmp_path / "run.json").read_text() == run_before
+    (tmp_path / "metrics.jsonl").write_text(metrics)
     run(tiny(tmp_path, cache_dir, steps=6, resume=True, allow_changes=True, seed=7, lr=1e-3))  # lr: always free
     changes = json.loads((tmp_path / "run.json").read_text())["resumes"][-1]["changes"]
     assert changes == {"seed": [1337, 7], "lr": [3e-3, 1e-3], "steps": [4, 6], "ckpt_interval": [4, 8]}
 
 
+def test_resumed_optimizer_settings_take_effect(tmp_path, cache_dir, monkeypatch):  # noqa: F811
+    run(tiny(tmp_path, cache_dir, steps=4, ckpt_interval=4))
+    seen = []
+    update = Trainer.update
+    monkeypatch.setattr(Trainer, "update", lambda self, *a: (seen.append(
+        [(g["weight_decay"], g["betas"], g["eps"]) for g in self.opt.param_groups]), update(self, *a))[1])
+    run(tiny(tmp_path, cache_dir, steps=6, resume=True, weight_decay=0.5, beta2=0.5, eps=1e-3))
+    # The decayed group takes the new decay, the others keep none; every group the new betas and eps.
+    assert seen and all(groups == [(0.5, (0.9, 0.5), 1e-3), (0.0, (0.9, 0.5), 1e-3)] for groups in seen), seen
+    changes = json.loads((tmp_path / "run.json").read_text())["resumes"][-1]["changes"]
+    assert changes["weight_decay"] == [0.1, 0.5] and changes["beta2"] == [0.95, 0.5] and changes["eps"] == [1e-8, 1e-3]
+
+
 # ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("error, code, said", [
+    (OSError(28, "No space left on device"), 2, "stableblocks train: error: [Errno 28] No space left on device writing "),
+    (KeyboardInterrupt(), 130, "stableblocks train: interrupted; the last checkpoint on disk is whole"),
+])
+def test_a_failed_write_or_an_interrupt_is_one_line(tmp_path, cache_dir, monkeypatch, capsys, error, code, said):  # noqa: F811
+    argv = ["--out-dir", str(tmp_path), "--batch-size", "4", "--seq-len", "32", "--warmup", "4", "--eval-interval", "0",
+            "--ckpt-interval", "4", "--model.n-layer", "2", "--model.n-head", "2", "--model.n-embd", "32",
+            "--data.cache-dir", cache_dir, "--no-progress", "--no-plot"]
+    assert exit_code(argv + ["--steps", "4"]) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+
+    def failing(f):
+        raise error
+
+    write = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, _: write(path, failing))
+    capsys.readouterr()
+    assert exit_code(argv + ["--steps", "8", "--resume"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / rundir.LOCK).exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path):
