@@ -153,6 +153,7 @@ def train_plan(scale: plan.Scale, store: Store, out: Path, workers: int, budget_
 
 def main(argv=None) -> dict:
     from stableblocks.rundir import RunDirError, RunLock
+    from stableblocks.train import EXIT_INTERRUPTED
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.stability", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every arm on a tiny model (about 10 s on 2 idle cores)")
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
         except KeyboardInterrupt:
             print(f"\nstability: interrupted; {len(store.records)} runs stored in {store.path}; run the same command "
                   "again to continue", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_INTERRUPTED) from None
         if not complete:
             todo = len([s for s in plan.plan(scale, store.records, verdict) if s.key() not in store])
             print(f"stability: {len(store.records)} runs stored in {store.path}, at least {todo} to go; "
