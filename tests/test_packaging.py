@@ -1,5 +1,6 @@
 """The kernels folder is stableblocks.kernels only; from the repository root, the top-level name
-`kernels` belongs to Hugging Face's package (transformers imports it at start-up)."""
+`kernels` belongs to Hugging Face's package (transformers imports it at start-up). A built wheel
+holds every file the package reads."""
 
 import importlib.metadata
 import os
@@ -107,3 +108,29 @@ def test_without_hugging_faces_kernels_the_folder_stays_inert():
         """
     )
     assert out.strip().endswith("inert")
+
+
+def test_the_wheel_holds_what_the_package_reads_and_builds_without_deprecations(tmp_path):
+    # A non-editable install sees only what the wheel holds: the bundled corpus, the GPT-2 BPE file
+    # and the kernels as stableblocks.kernels. A build-backend deprecation today is a failed build
+    # on a fresh machine once setuptools drops it.
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path,
+                          ROOT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Deprecat" not in out.stderr and "BuildBackendWarning" not in out.stderr, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("stableblocks-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel],
+                   check=True, capture_output=True, timeout=300)
+    assert not (site / "kernels").exists()
+    assert (site / "stableblocks" / "kernels" / "fused_attention_triton.py").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(site)}
+    code = textwrap.dedent("""
+        import stableblocks, stableblocks.kernels
+        from stableblocks import data, tokenizer
+        assert stableblocks.__file__.startswith(%r), stableblocks.__file__
+        assert data.bundled_text().startswith("Ge1:1 In the beginning")
+        assert list(tokenizer.get_tokenizer("gpt2").encode("Hello world")) == [15496, 995]
+    """ % str(site))
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
