@@ -8,8 +8,10 @@ FlashAttention-2's algorithm with three additions inside the tiles:
   q, k, v, with the weight/bias gradients as fp32 partial sums per program summed in a fixed order.
 
 Forward saves only q, k, v (raw, pre-norm), o with an fp16 residual of its rounding (none for fp32)
-and one fp32 log-sum-exp per row: O(T)
-memory.
+and one fp32 log-sum-exp per row: O(T) memory.
+
+Where block_sizes sets HEAD_ROWS (bf16/fp16 at D > 128 on sm_90a), the backward kernels accumulate
+dk^T, dv^T and dq^T, and the norms run outside them as the LayerNorm kernels (_bwd_norms_outside).
 
 Layers, as in every kernel file: kernels -> launchers (block sizes) -> torch.library ops
 (`fused_attention_fwd`, `fused_attention_bwd`, each launching its kernels) with the autograd rule
@@ -26,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import backend
-from .ln_common import check_runnable, launched, normalize, normalize_backward
+from .layer_norm_triton import layer_norm_bwd, layer_norm_fwd
+from .ln_common import cast_rtne, check_runnable, launched, normalize, normalize_backward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +79,17 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """An fp32 tile in `dtype`, rounded to nearest even as a GPU converts. Under the interpreter
+    (DOT_UPCAST) bf16 conversion truncates instead: cast_rtne rounds there, so the CPU tests see
+    the GPU's values (and the backward recomputes the forward's tiles bit for bit)."""
+    if DOT_UPCAST:
+        return cast_rtne(x, dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -147,7 +161,7 @@ def _attention_fwd_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(q.dtype)
+        k = _cast(_normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM), q.dtype, DOT_UPCAST)
         qk = _dot(q, tl.trans(k), None, DOT_UPCAST)
         s, _ = _logits(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -164,8 +178,8 @@ def _attention_fwd_tiles(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(q.dtype)
-        acc = _dot(p.to(q.dtype), v, acc * alpha[:, None], DOT_UPCAST)
+        v = _cast(_normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM), q.dtype, DOT_UPCAST)
+        acc = _dot(_cast(p, q.dtype, DOT_UPCAST), v, acc * alpha[:, None], DOT_UPCAST)
         m_i = m_new
     return acc, l_i, m_i, qk_max
 
@@ -210,7 +224,7 @@ def _attention_fwd(
     row_in_seq = offs_m < T
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _cast(_normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM), Q.dtype.element_ty, DOT_UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -242,7 +256,7 @@ def _attention_fwd(
         tl.store(MAXLOGIT + pid, tl.max(tl.where(row_in_seq, row_max, float("-inf")), axis=0))
     o = acc / l_i[:, None]
     o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    o_out = o.to(O.dtype.element_ty)
+    o_out = _cast(o, O.dtype.element_ty, DOT_UPCAST)
     tl.store(O + o_offs, o_out, mask=row_in_seq[:, None] & d_ok[None, :])
     if RESIDUAL:
         tl.store(O_RES + o_offs, (o - o_out.to(tl.float32)).to(tl.float16), mask=row_in_seq[:, None] & d_ok[None, :])
@@ -273,7 +287,7 @@ def _attention_bwd_dkdv_tiles(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_in_seq = offs_m < T
         q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
-        q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(k.dtype)
+        q = _cast(_normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM), k.dtype, DOT_UPCAST)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
         delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
@@ -292,13 +306,50 @@ def _attention_bwd_dkdv_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :])
             p = tl.where(visible, p, 0.0)
-        dv = _dot(p.to(do.dtype), do, dv, DOT_UPCAST)
+        dv = _dot(_cast(p, do.dtype, DOT_UPCAST), do, dv, DOT_UPCAST)
         dp = _dot(v, tl.trans(do), None, DOT_UPCAST)
         ds = p * (dp - delta[None, :])  # gradient of the capped logits
         if SOFTCAP:
             ds = ds * (1.0 - t * t)  # through cap * tanh(s / cap)
-        dk = _dot(ds.to(q.dtype), q, dk, DOT_UPCAST)
+        dk = _dot(_cast(ds, q.dtype, DOT_UPCAST), q, dk, DOT_UPCAST)
     return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_tiles_head_rows(
+    dkt, dvt,  # (BLOCK_D, BLOCK_N) fp32 accumulators of the normalised k and v, transposed
+    k, v,  # (BLOCK_N, BLOCK_D) normalised K and V tiles in the input dtype
+    Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot, offs_n, offs_d, d_ok, lo, hi, T, scale, softcap, eps,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, Q_NORM: tl.constexpr, MASKED: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """_attention_bwd_dkdv_tiles with the head dimension on the accumulators' rows: dk^T += q^T ds,
+    dv^T += do^T p. A wgmma takes 64 rows a warp group; here D supplies them, so a program's keys
+    can stay few (its two fp32 accumulators small) while the queries run 64 a tile."""
+    key_in_seq = offs_n < T
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in_seq = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+        q = _cast(_normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM), k.dtype, DOT_UPCAST)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_in_seq, other=float("inf"))  # p = 0 past the end
+        delta = tl.load(DELTA + offs_m, mask=row_in_seq, other=0.0)
+        s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)  # (queries, keys)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = key_in_seq[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
+        dvt = _dot(tl.trans(do), _cast(p, do.dtype, DOT_UPCAST), dvt, DOT_UPCAST)
+        dp = _dot(do, tl.trans(v), None, DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dkt = _dot(tl.trans(q), _cast(ds, q.dtype, DOT_UPCAST), dkt, DOT_UPCAST)
+    return dkt, dvt
 
 
 @triton.jit
@@ -319,6 +370,7 @@ def _attention_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per tile, keys per program
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
+    HEAD_ROWS: tl.constexpr,  # 1: accumulate dk^T and dv^T (see _attention_bwd_dkdv_tiles_head_rows)
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     # One program per (batch * head, key block), looping over the query blocks that see it.
@@ -341,9 +393,9 @@ def _attention_bwd_dkdv(
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
     k = tl.load(k_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-    k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(K.dtype.element_ty)
+    k = _cast(_normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM), K.dtype.element_ty, DOT_UPCAST)
     v = tl.load(v_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-    v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(V.dtype.element_ty)
+    v = _cast(_normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM), V.dtype.element_ty, DOT_UPCAST)
 
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -363,17 +415,32 @@ def _attention_bwd_dkdv(
         full_end = t_pad
     else:
         full_end = mid
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, d_ok, lo, mid, T, scale, softcap, eps,
-                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, d_ok, mid, full_end, T, scale, softcap, eps,
-                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 0, DOT_UPCAST)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
-                                  offs_n, offs_d, d_ok, full_end, t_pad, T, scale, softcap, eps,
-                                  D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+    if HEAD_ROWS:
+        dkt = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        dvt = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        dkt, dvt = _attention_bwd_dkdv_tiles_head_rows(dkt, dvt, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                                   offs_n, offs_d, d_ok, lo, mid, T, scale, softcap, eps,
+                                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+        dkt, dvt = _attention_bwd_dkdv_tiles_head_rows(dkt, dvt, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                                   offs_n, offs_d, d_ok, mid, full_end, T, scale, softcap, eps,
+                                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 0, DOT_UPCAST)
+        dkt, dvt = _attention_bwd_dkdv_tiles_head_rows(dkt, dvt, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                                   offs_n, offs_d, d_ok, full_end, t_pad, T, scale, softcap, eps,
+                                                   D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+        dk = tl.trans(dkt)
+        dv = tl.trans(dvt)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                      offs_n, offs_d, d_ok, lo, mid, T, scale, softcap, eps,
+                                      D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
+        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                      offs_n, offs_d, d_ok, mid, full_end, T, scale, softcap, eps,
+                                      D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 0, DOT_UPCAST)
+        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, QW, QB, stride_qt, stride_dot,
+                                      offs_n, offs_d, d_ok, full_end, t_pad, T, scale, softcap, eps,
+                                      D, BLOCK_M, CAUSAL, SOFTCAP, Q_NORM, 1, DOT_UPCAST)
     dk = tl.where(key_in_seq[:, None], dk * scale, 0.0)
     dv = tl.where(key_in_seq[:, None], dv, 0.0)
     if K_NORM:
@@ -383,8 +450,8 @@ def _attention_bwd_dkdv(
         v_raw = tl.load(v_ptrs, mask=key_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         dv = _norm_backward(dv, v_raw, VW, DNORM_V, pid, tl.num_programs(0), offs_d, d_ok, key_in_seq, eps, D)
     g_offs = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=key_in_seq[:, None] & d_ok[None, :])
-    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=key_in_seq[:, None] & d_ok[None, :])
+    tl.store(DK + g_offs, _cast(dk, DK.dtype.element_ty, DOT_UPCAST), mask=key_in_seq[:, None] & d_ok[None, :])
+    tl.store(DV + g_offs, _cast(dv, DV.dtype.element_ty, DOT_UPCAST), mask=key_in_seq[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -407,9 +474,9 @@ def _attention_bwd_dq_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_in_seq = offs_n < T
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-        k = _normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM).to(q.dtype)
+        k = _cast(_normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM), q.dtype, DOT_UPCAST)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
-        v = _normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM).to(q.dtype)
+        v = _cast(_normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM), q.dtype, DOT_UPCAST)
         s, t = _logits(_dot(q, tl.trans(k), None, DOT_UPCAST), scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -421,8 +488,40 @@ def _attention_bwd_dq_tiles(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _dot(ds.to(q.dtype), k, dq, DOT_UPCAST)
+        dq = _dot(_cast(ds, q.dtype, DOT_UPCAST), k, dq, DOT_UPCAST)
     return dq
+
+
+@triton.jit
+def _attention_bwd_dq_tiles_head_rows(
+    dqt,  # (BLOCK_D, BLOCK_M) fp32 accumulator of the normalised q, transposed
+    q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt, offs_m, offs_d, d_ok, lo, hi, T, scale, softcap, eps,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr, MASKED: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """_attention_bwd_dq_tiles with the head dimension on the accumulator's rows: dq^T += k^T ds^T,
+    the scores as (keys, queries) tiles (see _attention_bwd_dkdv_tiles_head_rows)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_seq = offs_n < T
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        k = _cast(_normed(k.to(tl.float32), KW, KB, offs_d, d_ok, key_in_seq, eps, D, K_NORM), q.dtype, DOT_UPCAST)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_seq[:, None] & d_ok[None, :], other=0.0)
+        v = _cast(_normed(v.to(tl.float32), VW, VB, offs_d, d_ok, key_in_seq, eps, D, V_NORM), q.dtype, DOT_UPCAST)
+        s, t = _logits(_dot(k, tl.trans(q), None, DOT_UPCAST), scale, softcap, SOFTCAP)  # (keys, queries)
+        p = tl.exp2(s - lse[None, :])
+        if MASKED:
+            visible = key_in_seq[:, None]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :])
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(v, tl.trans(do), None, DOT_UPCAST)
+        ds = p * (dp - delta[None, :])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dqt = _dot(tl.trans(k), _cast(ds, q.dtype, DOT_UPCAST), dqt, DOT_UPCAST)
+    return dqt
 
 
 @triton.jit
@@ -447,6 +546,7 @@ def _attention_bwd_dq(
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, V_NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,  # 1 when O is bf16/fp16 (see _attention_fwd)
+    HEAD_ROWS: tl.constexpr,  # 1: accumulate dq^T (see _attention_bwd_dq_tiles_head_rows)
     DOT_UPCAST: tl.constexpr,  # 1 under the interpreter for bf16 (see _dot)
 ):
     n_blocks = tl.cdiv(T, BLOCK_M)
@@ -465,7 +565,7 @@ def _attention_bwd_dq(
     row_in_seq = offs_m < T
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
-    q = _normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM).to(Q.dtype.element_ty)
+    q = _cast(_normed(q.to(tl.float32), QW, QB, offs_d, d_ok, row_in_seq, eps, D, Q_NORM), Q.dtype.element_ty, DOT_UPCAST)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_in_seq[:, None] & d_ok[None, :], other=0.0)
     # delta from o as computed, not rounded: for a near one-hot row, dp - delta must cancel as
@@ -487,19 +587,29 @@ def _attention_bwd_dq(
         full_end = (T // BLOCK_N) * BLOCK_N
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                            offs_m, offs_d, d_ok, 0, full_end, T, scale, softcap, eps,
-                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
-                            offs_m, offs_d, d_ok, full_end, hi, T, scale, softcap, eps,
-                            D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+    if HEAD_ROWS:
+        dqt = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+        dqt = _attention_bwd_dq_tiles_head_rows(dqt, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                                offs_m, offs_d, d_ok, 0, full_end, T, scale, softcap, eps,
+                                                D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
+        dqt = _attention_bwd_dq_tiles_head_rows(dqt, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                                offs_m, offs_d, d_ok, full_end, hi, T, scale, softcap, eps,
+                                                D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
+        dq = tl.trans(dqt)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                offs_m, offs_d, d_ok, 0, full_end, T, scale, softcap, eps,
+                                D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 0, DOT_UPCAST)
+        dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, KW, KB, VW, VB, stride_kt, stride_vt,
+                                offs_m, offs_d, d_ok, full_end, hi, T, scale, softcap, eps,
+                                D, BLOCK_N, CAUSAL, SOFTCAP, K_NORM, V_NORM, 1, DOT_UPCAST)
     dq = tl.where(row_in_seq[:, None], dq * scale, 0.0)
     if Q_NORM:
         q_raw = tl.load(q_ptrs, mask=row_in_seq[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         dq = _norm_backward(dq, q_raw, QW, DNORM_Q, pid, tl.num_programs(0), offs_d, d_ok, row_in_seq, eps, D)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_in_seq[:, None] & d_ok[None, :])
+             _cast(dq, DQ.dtype.element_ty, DOT_UPCAST), mask=row_in_seq[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +629,8 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
     block_d = triton.next_power_of_2(D)
     if arch is None:
         cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
+        bwd = dict(cfg, HEAD_ROWS=int(block_d == 256 and D % 16 == 0))  # as sm_90a takes them
+        return {"fwd": cfg, "dkdv": bwd, "dq": bwd}
     if dtype == torch.float32:
         # 3xTF32 matmuls (see _dot) hold each fp32 operand twice, as its TF32 high and low parts:
         # small tiles, and at BLOCK_D = 128 8 warps for the backward, keep them in registers.
@@ -534,14 +645,25 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
         # multiples of 8 from 72 to 120 (narrower loads) spill 16-20 bytes at every 4 or 8 warps,
         # 1 to 4 stages.
         dq = dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=4)
+    elif block_d == 256 and arch >= 90 and D % 16 == 0:
+        fwd = dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)
+        # A wgmma takes 64 rows a warp group. Keys (dkdv) or queries (dq) as the rows need 64x256
+        # fp32 accumulators, which spilled at every tile shape; with HEAD_ROWS, D gives the rows and
+        # the accumulators are (256, 16). The norms then run outside the backward (see
+        # fused_attention_bwd): inside, the normalised tiles still spilled 150-800 bytes. dkdv's
+        # 3-stage query loop (207 KB of shared memory) keeps D = 160 and 192 spill-free too. The
+        # odd multiples of 8 (no 16-byte-aligned rows, so no asynchronous copies) spill 0.3-1 KB
+        # this way: they keep the mma.sync tiles below (dq spills 40 bytes there, as before).
+        dkdv = dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=3, HEAD_ROWS=1)
+        dq = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_ROWS=1)
     elif block_d == 256:
         # sm_80's mma.sync holds the Q tile and the accumulator in registers: half the rows there.
-        fwd = dict(BLOCK_M=64 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
-        dkdv = dict(BLOCK_M=16 if arch >= 90 else 32, BLOCK_N=16, num_warps=8, num_stages=1)
+        fwd = dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
         dq = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
     elif block_d == 128:
         # On sm_90a a wgmma needs 64 rows a warp group: dkdv's rows are its keys (BLOCK_N), dq's
-        # its queries (BLOCK_M). At D >= 160 every such tile spills: those stay on mma.sync.
+        # its queries (BLOCK_M).
         hopper = arch >= 90
         fwd = dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1)
         dkdv = dict(BLOCK_M=16, BLOCK_N=64 if hopper else 32, num_warps=8 if hopper else 4, num_stages=1)
@@ -559,7 +681,7 @@ def block_sizes(D: int, dtype: torch.dtype, arch: int | None) -> dict:
         else:
             dkdv = dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 32 else 32, num_warps=warps, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=1)
-    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+    return {"fwd": fwd, "dkdv": {"HEAD_ROWS": 0, **dkdv}, "dq": {"HEAD_ROWS": 0, **dq}}
 
 
 def _blocks(q: torch.Tensor) -> dict:
@@ -661,9 +783,19 @@ def fused_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dnorm): dnorm (6, D) fp32 holds dweight, dbias of q's, k's and v's norms."""
     check_runnable(q)
-    B, T, H, D = q.shape
     q, k, v, do = (_rows_contiguous(t) for t in (q, k, v, do))
-    dq, dk, dv = (torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    norm_params = ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias))
+    if q.numel() and _blocks(q)["dq"]["HEAD_ROWS"] and any(w is not None for w, _ in norm_params):
+        return _bwd_norms_outside(do, (q, k, v), o, o_res, lse, norm_params, causal, softcap, scale, eps)
+    return _bwd(do, q, k, v, o, o_res, lse, *(t for pair in norm_params for t in pair), causal, softcap, scale, eps,
+                q.dtype)
+
+
+def _bwd(do, q, k, v, o, o_res, lse, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, causal, softcap, scale, eps,
+         grad_dtype):
+    """fused_attention_bwd's kernels, writing dq, dk, dv in grad_dtype."""
+    B, T, H, D = q.shape
+    dq, dk, dv = (torch.empty((B, T, H, D), dtype=grad_dtype, device=q.device) for _ in range(3))
     dnorm = torch.zeros((6, D), dtype=torch.float32, device=q.device)  # dw, db of q, k, v
     if dq.numel() == 0:
         return dq, dk, dv, dnorm
@@ -698,6 +830,28 @@ def fused_attention_bwd(
         if weight is not None:
             dnorm[2 * i: 2 * i + 2] = part.sum(dim=1)
     return dq, dk, dv, dnorm
+
+
+def _bwd_norms_outside(do, qkv, o, o_res, lse, norm_params, causal, softcap, scale, eps):
+    """fused_attention_bwd for HEAD_ROWS tiles: the LayerNorm kernels normalise q, k, v (fp32
+    statistics, as the attention kernels do) around a norm-free attention backward, then take its
+    gradients, kept in fp32 as the fused norms keep them (bf16 there costs ~3x the error), back to
+    the raw q, k, v. Costs passes over q, k, v, their normalised copies and the fp32 gradients."""
+    normed = [t if w is None else layer_norm_fwd(t, w, b, eps) for t, (w, b) in zip(qkv, norm_params)]
+    grads = _bwd(do, *(n if isinstance(n, torch.Tensor) else n[0] for n in normed), o, o_res, lse,
+                 None, None, None, None, None, None, causal, softcap, scale, eps, torch.float32)[:3]
+    dnorm = torch.zeros((6, qkv[0].shape[-1]), dtype=torch.float32, device=do.device)
+    out = []
+    for i, (g, t, n, (w, b)) in enumerate(zip(grads, qkv, normed, norm_params)):
+        if w is None:
+            out.append(g.to(t.dtype))
+            continue
+        dx, dw, db = layer_norm_bwd(g, t, w, b, n[1], n[2])
+        out.append(dx)
+        dnorm[2 * i] = dw
+        if b is not None:
+            dnorm[2 * i + 1] = db
+    return *out, dnorm
 
 
 @fused_attention_bwd.register_fake
@@ -796,6 +950,8 @@ def aot_configs(dtypes=(torch.bfloat16, torch.float16), options=("all", "none"),
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     for name in options:
                         flags = {k: v for k, v in AOT_OPTIONS[name].items() if k != "MAX_LOGIT" or kernel == "_attention_fwd"}
+                        if cfg.get("HEAD_ROWS"):  # launched only norm-free (_bwd_norms_outside)
+                            flags.update(Q_NORM=0, K_NORM=0, V_NORM=0)
                         if kernel != "_attention_bwd_dkdv":
                             flags["RESIDUAL"] = int(dtype != torch.float32)
                         constexprs = {"D": D, "BLOCK_D": triton.next_power_of_2(D), **cfg, **flags, "DOT_UPCAST": 0}

@@ -16,8 +16,8 @@ import stableblocks as sb
 from stableblocks.kernels import backend
 from stableblocks.kernels import fused_attention_triton as fat
 from stableblocks.kernels.fused_attention import fused_attention, raw_logits, reference
+from stableblocks.kernels.layer_norm import layer_norm
 
-from benchmarks.report import WGMMA_MAX_HEAD_DIM
 from tolerance import assert_within_tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -220,6 +220,9 @@ WIDTH_CASES = {
     "D=80, QK-norm": (1, 17, 1, 80, ("q_norm", "k_norm"), True, None, True, "contiguous"),
     "D=96, full, v-norm, cap 2": (1, 13, 1, 96, ("v_norm",), False, 2.0, False, "bhtd"),
     "D=256, QKV-norm, cap 2": (1, 9, 1, 256, NORMS, True, 2.0, True, "qkv"),
+    # Several query and key tiles at the widths whose backward runs the norms outside (HEAD_ROWS).
+    "D=192, QK-norm, cap 5, T=37": (2, 37, 2, 192, ("q_norm", "k_norm"), True, 5.0, True, "qkv"),
+    "D=160, no norm, T=23": (1, 23, 2, 160, (), True, None, True, "bhtd"),
 }
 
 
@@ -233,6 +236,29 @@ def test_head_widths_that_are_not_powers_of_two(triton_backend, name, dtype):
             run(case, dtype, "triton", causal=causal, softcap=cap)
         return
     check_against_reference(case, dtype, causal=causal, softcap=cap)
+
+
+@pytest.mark.parametrize("D", [64, 192])
+def test_fused_norms_round_as_the_layer_norm_kernel_does(triton_backend, D):
+    """The attention kernels' normalised bf16 tiles are the LayerNorm kernel's output: both round to
+    nearest even, as a GPU converts (the interpreter's own bf16 conversion truncates). The backward
+    at D > 128 normalises with the LayerNorm kernel (block_sizes: HEAD_ROWS) and recomputes the
+    forward's scores from that, so it launches 3 LayerNorm forwards and backwards there."""
+    case = make_case(2, 37, 2, D, norms=NORMS, cap=5.0, layout="qkv")
+    args = _leaves(case, torch.bfloat16)
+    q, k, v = args["q"], args["k"], args["v"]
+    norms = {n: args[n] for n in NORMS}
+    fused = fused_attention(q, k, v, softcap=5.0, **norms)
+    composed = fused_attention(*(layer_norm(t, *args[n]) for t, n in zip((q, k, v), NORMS)), softcap=5.0)
+    if q.is_cuda:  # fp32 statistics summed in another order can move a value by an ulp
+        torch.testing.assert_close(fused, composed, rtol=2 ** -7, atol=2 ** -7)
+    else:
+        assert torch.equal(fused, composed)
+    before = backend.LAUNCHES.copy()
+    torch.autograd.grad(fused.float().square().sum(), [q, *(t for n in NORMS for t in norms[n])])
+    outside = 3 if D > 128 else 0
+    assert backend.LAUNCHES["layer_norm_fwd"] - before["layer_norm_fwd"] == outside
+    assert backend.LAUNCHES["layer_norm_bwd"] - before["layer_norm_bwd"] == outside
 
 
 def test_float64_is_a_clear_error_on_the_triton_path(triton_backend):
@@ -396,15 +422,11 @@ def test_stable_attention_dropout_takes_the_reference_path(triton_backend):
 # Ahead-of-time compilation for sm_80 / sm_90a
 
 
-# bf16/fp16 on sm_90a: every kernel on wgmma up to D = 128. Above, every tile with the 64 rows a
-# warp group's wgmma needs spills in the backward, so those builds stay on mma.sync:
-# WGMMA_MAX_HEAD_DIM, the bound the cost model's goal reads too. Measured at BLOCK_D = 256, 8 warps
-# (spill bytes stored): dq on 64x16 tiles 392 with every option, 104 without the k/v norms in its
-# key loop, 56 with no option (128x16 tiles: 0 with no option, 1732 with all); dkdv on 16x64 tiles
-# 2088 with all, 816 with none: its two 64x256 fp32 accumulators alone take half the registers.
-# Splitting dkdv into a dv and a dk kernel does not help: dv alone is spill-free, but dk alone (it
-# still needs the k and v tiles) spills 528 with all options and 116 with none; 16 warps cap the
-# registers at 128 and spill more (dkdv 2520, dq 1028 with all).
+# bf16/fp16 on sm_90a: every kernel on wgmma, which takes 64 rows a warp group. Above D = 128 the
+# backward's 64-row key (dkdv) and query (dq) tiles spilled at every shape measured (64x256 fp32
+# accumulators; 16 warps cap registers at 128 and spill more): there the accumulators are dk^T,
+# dv^T and dq^T (HEAD_ROWS), whose rows are D, and the norms run outside as LayerNorm kernels (with
+# them inside, the normalised tiles spilled 150-800 bytes at D = 256).
 
 
 @pytest.mark.slow
@@ -427,7 +449,7 @@ def test_aot_compiles_without_spills_on_tensor_cores(aot):
         what = f"{s.kernel} {job.signature['Q'][1:]} D={job.constexprs['D']} {s.arch}"
         assert s.spill_stores == s.spill_loads == 0, f"{what} spills:\n{report}"
         assert s.tensor_core, f"{what}: no HMMA/HGMMA:\n{report}"
-        if s.arch == "sm_90a" and job.signature["Q"] == "*bf16" and job.constexprs["D"] <= WGMMA_MAX_HEAD_DIM:
+        if s.arch == "sm_90a" and job.signature["Q"] == "*bf16":
             assert "HGMMA" in s.mma, f"{what}: mma.sync ({s.mma}), not wgmma:\n{report}"
 
 
