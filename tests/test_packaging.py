@@ -113,9 +113,12 @@ def test_without_hugging_faces_kernels_the_folder_stays_inert():
 def test_the_wheel_holds_what_the_package_reads_and_builds_without_deprecations(tmp_path):
     # A non-editable install sees only what the wheel holds: the bundled corpus, the GPT-2 BPE file
     # and the kernels as stableblocks.kernels. A build-backend deprecation today is a failed build
-    # on a fresh machine once setuptools drops it.
+    # on a fresh machine once setuptools drops it. The build runs without PYTHONPATH: setuptools loads
+    # every installed egg_info writer (Hugging Face's kernels ships one) and a side directory holding
+    # an older huggingface_hub breaks that import, which says nothing about this package.
+    build_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path,
-                          ROOT], capture_output=True, text=True, timeout=300)
+                          ROOT], capture_output=True, text=True, timeout=300, env=build_env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Deprecat" not in out.stderr and "BuildBackendWarning" not in out.stderr, out.stderr[-3000:]
     (wheel,) = tmp_path.glob("stableblocks-*.whl")
