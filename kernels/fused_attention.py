@@ -44,9 +44,10 @@ def reference(
     requested, it materialises the scores."""
     q, k, v = (_norm(t, p, eps).transpose(1, 2) for t, p in ((q, q_norm), (k, k_norm), (v, v_norm)))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    materialise = softcap is not None or return_max_logit
     T = q.shape[-2]
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1) if causal else None
-    raw = (q @ k.transpose(-2, -1)) * scale if softcap is not None or return_max_logit else None
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1) if causal and materialise else None
+    raw = (q @ k.transpose(-2, -1)) * scale if materialise else None
     if softcap is None:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
     else:
