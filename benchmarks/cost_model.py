@@ -66,7 +66,7 @@ def measure_compile(progress) -> dict:
 
 
 def measure_throughput(quick: bool, progress) -> dict:
-    kw = dict(steps=2, repeats=2, warmup=1) if quick else dict(steps=10, repeats=7)
+    kw = dict(rounds=2, warmup=1) if quick else {}
     return {"training": throughput.training_throughput(progress=progress, **kw),
             "diagnostics": throughput.diagnostics_overhead(progress=progress, **(dict(steps=4, repeats=1) if quick else {}))}
 
@@ -77,7 +77,7 @@ def measure_loss(quick: bool, progress) -> dict:
     out = loss_memory.measure(dtype=DTYPE, param_dtype=PARAM_DTYPE, progress=progress, **kw)
     progress("loss kernels' bytes and FLOPs")
     out["kernels"] = bytes_moved.loss_kernels(LOSS_KERNEL_QUICK if quick else LOSS_KERNEL_SHAPE, DTYPE, PARAM_DTYPE)
-    kw = dict(steps=2, repeats=2, warmup=1) if quick else dict(steps=10, repeats=7)
+    kw = dict(rounds=2, warmup=1) if quick else {}
     out["throughput"] = throughput.loss_throughput(progress=progress, **kw)  # the main job's: fused vs eager loss
     return out
 

@@ -165,8 +165,9 @@ def throughput_table(data: dict) -> str:
              _fmt(train[f"ratio:{name.split(':', 1)[1]}"]["p50"]) if name.startswith("stablegpt") else "1"]
             for name, v in train.items() if name != "shape" and not name.startswith("ratio")]
     shape = ", ".join(f"{k} {v}" for k, v in train["shape"].items())
-    text = f"Shape: {shape}; reference backend; AdamW; {len(train['nanogpt']['runs'])} interleaved repeats.\n\n"
-    text += _table(["model", "tokens/s median (p20–p80)", "vs nanoGPT (median of per-repeat ratios)"], rows)
+    text = (f"Shape: {shape}; reference backend; AdamW; {len(train['nanogpt']['runs'])} rounds, each one training step of every "
+            "model on the same batch in a rotating order.\n\n")
+    text += _table(["model", "tokens/s per step, median (p20–p80)", "vs nanoGPT (median of per-round ratios)"], rows)
     diag = tp["diagnostics"]
     if diag.get("status") == "measured":
         text += ("\n\nDiagnostics in `stableblocks train` (tiny model, its own tokens/s, which includes the "

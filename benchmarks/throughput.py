@@ -45,7 +45,7 @@ def _models(shape: dict, recipes) -> dict:
     return out
 
 
-def _train(model, opt, batches, loss_fn=None) -> None:
+def _train(model, opt, loss_fn, batches) -> None:
     for x, y in batches:
         loss = model(x, y)[1] if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -59,28 +59,39 @@ def _summary(values: list[float]) -> dict:
             "p80": float(np.percentile(values, 80)), "runs": values}
 
 
-def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), steps: int = 10, repeats: int = 5,
-                        warmup: int = 2, progress=None) -> dict:
-    """{contender: {p50, p20, p80, runs}} in tokens/s, plus "ratio:<recipe>" = median over repeats of
-    (StableGPT tokens/s / nanoGPT tokens/s in the same repeat)."""
+def _rounds(contenders: dict, shape: dict, rounds: int, warmup: int, progress, label: str) -> dict:
+    """{name: [tokens/s per step]}. contenders: name -> (model, optimizer, loss_fn or None).
+
+    A round trains every contender one step on the same batch, in a rotating order: a ratio then
+    compares steps a few hundred milliseconds apart, so the drift of a shared machine's speed
+    cancels (blocks of ten steps per contender left the ratio +-2-3% from run to run)."""
+    stream = data.load("bundled", "byte").train
+    gen = torch.Generator().manual_seed(0)
+    batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
+               for _ in range(10)]
+    for contender in contenders.values():
+        _train(*contender, batches[:warmup])
+    names = list(contenders)
+    runs = {name: [] for name in names}
+    tokens = shape["batch_size"] * shape["block_size"]
+    for r in range(rounds):
+        if progress and r % 10 == 0:
+            progress(f"{label} round {r + 1}/{rounds}")
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            _train(*contenders[name], [batches[r % len(batches)]])
+            runs[name].append(tokens / (time.perf_counter() - t0))
+    return runs
+
+
+def training_throughput(shape: dict | None = None, recipes=("gpt2", "stable"), rounds: int = 120, warmup: int = 3,
+                        progress=None) -> dict:
+    """{contender: {p50, p20, p80, runs}} in tokens/s per step, plus "ratio:<recipe>" = median over
+    rounds of (StableGPT tokens/s / nanoGPT tokens/s in the same round)."""
     shape = dict(SHAPE if shape is None else shape)
     with backend.using("reference"):
-        models = _models(shape, recipes)
-        stream = data.load("bundled", "byte").train
-        gen = torch.Generator().manual_seed(0)
-        batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
-                   for _ in range(steps)]
-        for model, opt in models.values():
-            _train(model, opt, batches[:warmup])
-        names = list(models)
-        runs = {name: [] for name in names}
-        for r in range(repeats):
-            if progress:
-                progress(f"throughput repeat {r + 1}/{repeats}")
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                _train(*models[name], batches)
-                runs[name].append(steps * shape["batch_size"] * shape["block_size"] / (time.perf_counter() - t0))
+        contenders = {name: (model, opt, None) for name, (model, opt) in _models(shape, recipes).items()}
+        runs = _rounds(contenders, shape, rounds, warmup, progress, "throughput")
     out = {name: _summary(v) for name, v in runs.items()}
     for recipe in recipes:
         out[f"ratio:{recipe}"] = _summary([s / n for s, n in zip(runs[f"stablegpt:{recipe}"], runs["nanogpt"])])
@@ -100,10 +111,10 @@ def eager_loss(model, x, y) -> torch.Tensor:
     return loss
 
 
-def loss_throughput(shape: dict | None = None, recipe: str = "stable", steps: int = 10, repeats: int = 5,
-                    warmup: int = 2, progress=None) -> dict:
+def loss_throughput(shape: dict | None = None, recipe: str = "stable", rounds: int = 120, warmup: int = 3,
+                    progress=None) -> dict:
     """Tokens/s of StableGPT training (the main job's recipe and shape, reference path) with the loss
-    from fused_linear_cross_entropy and with the eager loss; "ratio" = median of fused / eager per repeat."""
+    from fused_linear_cross_entropy and with the eager loss; "ratio" = median of fused / eager per round."""
     shape = dict(SHAPE if shape is None else shape)
     with backend.using("reference"):
         cfg = sb.recipe(recipe, vocab_size=shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
@@ -112,22 +123,8 @@ def loss_throughput(shape: dict | None = None, recipe: str = "stable", steps: in
         for name, loss_fn in (("fused", None), ("eager", eager_loss)):
             torch.manual_seed(0)
             model = sb.StableGPT(cfg)
-            contenders[name] = dict(model=model, opt=model.configure_optimizers(0.1, 1e-3), loss_fn=loss_fn)
-        stream = data.load("bundled", "byte").train
-        gen = torch.Generator().manual_seed(0)
-        batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
-                   for _ in range(steps)]
-        for c in contenders.values():
-            _train(batches=batches[:warmup], **c)
-        names = list(contenders)
-        runs = {name: [] for name in names}
-        for r in range(repeats):
-            if progress:
-                progress(f"loss throughput repeat {r + 1}/{repeats}")
-            for name in names[r % 2:] + names[: r % 2]:
-                t0 = time.perf_counter()
-                _train(batches=batches, **contenders[name])
-                runs[name].append(steps * shape["batch_size"] * shape["block_size"] / (time.perf_counter() - t0))
+            contenders[name] = (model, model.configure_optimizers(0.1, 1e-3), loss_fn)
+        runs = _rounds(contenders, shape, rounds, warmup, progress, "loss throughput")
     out = {name: _summary(v) for name, v in runs.items()}
     out["ratio"] = _summary([f / e for f, e in zip(runs["fused"], runs["eager"])])
     out["shape"], out["recipe"] = shape, recipe

@@ -285,7 +285,7 @@ def test_nanogpt_baseline_and_throughput():
     model = nanogpt.GPT(nanogpt.GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
     _, loss = model(torch.randint(256, (4, 16)), torch.randint(256, (4, 16)))
     assert loss.item() == pytest.approx(math.log(256), abs=0.3)  # uniform predictions at init
-    out = throughput.training_throughput(shape, recipes=("gpt2",), steps=1, repeats=2, warmup=1)
+    out = throughput.training_throughput(shape, recipes=("gpt2",), rounds=2, warmup=1)
     assert len(out["nanogpt"]["runs"]) == len(out["stablegpt:gpt2"]["runs"]) == 2
     ratios = [s / n for s, n in zip(out["stablegpt:gpt2"]["runs"], out["nanogpt"]["runs"])]
     assert out["ratio:gpt2"]["runs"] == pytest.approx(ratios)
