@@ -65,7 +65,7 @@ def _rounds(contenders: dict, shape: dict, rounds: int, warmup: int, progress, l
     A round trains every contender one step on the same batch, in a rotating order: a ratio then
     compares steps a few hundred milliseconds apart, so most of a shared machine's drift cancels.
     Measured on 2 shared cores: the stable/nanoGPT ratio spread over 0.918-0.946 in three runs of
-    blocks of ten steps per contender, and over 0.934-0.952 in four runs of 120 rounds."""
+    blocks of ten steps per contender, and over 0.933-0.952 in five runs of 120 rounds."""
     stream = data.load("bundled", "byte").train
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(t.contiguous() for t in stream.sample(shape["batch_size"], shape["block_size"], gen))
