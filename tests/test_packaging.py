@@ -14,10 +14,15 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
+def _environ(*drop: str, **add: str) -> dict:
+    """This process's environment without `drop`, with `add`: what a subprocess should see."""
+    return {k: v for k, v in os.environ.items() if k not in drop} | add
+
+
 def _run(cwd, *parts: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run `parts` as `python -c` does from `cwd`: cwd first on sys.path."""
     code = "\n".join(textwrap.dedent(part) for part in parts)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _environ("TRITON_INTERPRET")
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 or not check, out.stderr[-3000:]
     return out
@@ -116,9 +121,8 @@ def test_the_wheel_holds_what_the_package_reads_and_builds_without_deprecations(
     # on a fresh machine once setuptools drops it. The build runs without PYTHONPATH: setuptools loads
     # every installed egg_info writer (Hugging Face's kernels ships one) and a side directory holding
     # an older huggingface_hub breaks that import, which says nothing about this package.
-    build_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path,
-                          ROOT], capture_output=True, text=True, timeout=300, env=build_env)
+                          ROOT], capture_output=True, text=True, timeout=300, env=_environ("PYTHONPATH"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Deprecat" not in out.stderr and "BuildBackendWarning" not in out.stderr, out.stderr[-3000:]
     (wheel,) = tmp_path.glob("stableblocks-*.whl")
@@ -127,7 +131,7 @@ def test_the_wheel_holds_what_the_package_reads_and_builds_without_deprecations(
                    check=True, capture_output=True, timeout=300)
     assert not (site / "kernels").exists()
     assert (site / "stableblocks" / "kernels" / "fused_attention_triton.py").is_file()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(site)}
+    env = _environ("TRITON_INTERPRET", PYTHONPATH=str(site))
     code = textwrap.dedent("""
         import stableblocks, stableblocks.kernels
         from stableblocks import data, tokenizer
